@@ -1,0 +1,84 @@
+"""The ``dalishare`` command: serve, cleanup, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from .errors import DalishareError
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from .producer import Producer, ServeOptions
+
+    producer = Producer(args.pipeline, args.data, ServeOptions(
+        name=args.name, batch_size=args.batch_size, device=args.device, slots=args.slots, seed=args.seed,
+        epochs=args.epochs, min_consumers=args.min_consumers, num_threads=args.threads))
+
+    def on_signal(signum, _frame):
+        producer.stop(f"stopped by {signal.Signals(signum).name}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    producer.serve()
+
+
+def _cleanup(args: argparse.Namespace) -> None:
+    from .runtime import clean_stale
+
+    removed = clean_stale(args.name)
+    print(f"removed {len(removed)} stale files" + "".join(f"\n  {p}" for p in removed))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(images_per_class=args.images_per_class, epochs=args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalishare", description="Shared DALI data loading for many training jobs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a shared stage and serve its batches")
+    serve.add_argument("pipeline", help="stage file, e.g. pipelines/resnet.py")
+    serve.add_argument("--data", required=True, help="folder of class sub-folders holding images")
+    serve.add_argument("--name", default="default", help="name jobs attach to (default: %(default)s)")
+    serve.add_argument("--batch-size", type=int, default=64, help="producer batch (default: %(default)s)")
+    serve.add_argument("--device", default="cpu", help="where the stage runs (default: %(default)s)")
+    serve.add_argument("--slots", type=int, default=4, help="ring size in batches (default: %(default)s)")
+    serve.add_argument("--seed", type=int, default=0, help="seed of the epoch orders (default: %(default)s)")
+    serve.add_argument("--epochs", type=int, default=None, help="stop after N epochs (default: run until stopped)")
+    serve.add_argument("--min-consumers", type=int, default=1,
+                       help="jobs to wait for before the first batch (default: %(default)s)")
+    serve.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
+    serve.set_defaults(func=_serve)
+
+    cleanup = sub.add_parser("cleanup", help="remove segments and sockets left by dead producers")
+    cleanup.add_argument("--name", default=None, help="only this producer name (default: all)")
+    cleanup.set_defaults(func=_cleanup)
+
+    demo = sub.add_parser("demo", help="one producer, three training jobs, and the same jobs loading alone")
+    demo.add_argument("--images-per-class", type=int, default=96)
+    demo.add_argument("--epochs", type=int, default=2)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s dalishare %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.func(args)
+    except DalishareError as exc:
+        print(f"dalishare: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The dataset: image files in class folders, stable sample indices, and the order of each epoch."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .png .bmp .tif .tiff .webp .jp2 .j2k .pnm .ppm .pgm .pbm".split())
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """``files[i]`` is sample i; its label is ``labels[i]``, the index of its class in ``classes``."""
+
+    root: Path
+    classes: list[str]
+    files: list[Path]
+    labels: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def scan(root: str | Path) -> Dataset:
+    """Scan ``root/CLASS/**/FILE`` (the ImageFolder convention).
+
+    Classes are the sorted sub-folder names; samples are sorted by (class, path inside the class), so
+    a sample's index is the same on every scan of the same files. Files without an image extension
+    are skipped with one warning naming them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data folder {root} does not exist or is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[Path] = []
+    labels: list[int] = []
+    skipped: list[Path] = []
+    for label, cls in enumerate(classes):
+        for path in sorted(p for p in (root / cls).rglob("*") if p.is_file()):
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(path)
+                labels.append(label)
+            else:
+                skipped.append(path)
+    if skipped:
+        shown = ", ".join(str(p.relative_to(root)) for p in skipped[:20])
+        more = f" and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        log.warning("skipped %d files without an image extension in %s: %s%s", len(skipped), root, shown, more)
+    if not files:
+        raise DatasetError(f"no images found in {root}: expected class folders holding image files "
+                           f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return Dataset(root, classes, files, np.asarray(labels, dtype=np.int64))
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The sample indices of ``epoch`` in the order they are served: a permutation seeded by (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_samples).astype(np.int64)

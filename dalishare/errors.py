@@ -1,0 +1,33 @@
+"""Every error dalishare raises on purpose derives from `DalishareError`."""
+
+
+class DalishareError(Exception):
+    """Base class: catch this to handle any dalishare failure."""
+
+
+class ConfigError(DalishareError):
+    """Bad setup given by the user: a path, an option, a pipeline file."""
+
+
+class DatasetError(ConfigError):
+    """The data folder is missing, empty or unreadable."""
+
+
+class StageError(ConfigError):
+    """A pipeline file does not import or defines no stage."""
+
+
+class ProtocolError(DalishareError):
+    """A control message is malformed, unknown or from another protocol version."""
+
+
+class ProducerNotFound(DalishareError):
+    """No producer of the requested name answered within the attach timeout."""
+
+
+class ProducerLost(DalishareError):
+    """The producer a job was attached to died or stopped answering."""
+
+
+class AlreadyServing(DalishareError):
+    """Another live producer already serves under this name."""

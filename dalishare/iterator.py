@@ -1,0 +1,321 @@
+"""`DaliShareIterator`: a training job's side of dalishare.
+
+It attaches to a producer by name, maps the ring read-only, and turns the producer's batch
+announcements into batches of the job's own size: a job batch that lies inside one producer batch
+is a view of the ring (no copy); one that spans producer batches is copied into a tensor the job
+owns. Slots are released by the rules of NOTE [ Slot ownership ] in ring.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+import warnings
+from collections import deque
+from typing import Callable
+
+import numpy as np
+import torch
+import zmq
+
+from . import protocol, runtime
+from .errors import ProducerLost, ProducerNotFound, ProtocolError
+from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Stop, Welcome
+from .ring import RingLayout, attach_ring
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2  # how often a waiting job checks that its producer is still alive
+
+
+class _ProducerBatch:
+    """A producer batch being consumed: its slot view and how far this job has read into it."""
+
+    def __init__(self, msg: Batch, images: torch.Tensor):
+        self.msg, self.images, self.offset = msg, images, 0
+        self.labels = torch.from_numpy(np.frombuffer(msg.labels, dtype="<i8").astype(np.int64))
+        self.indices = torch.from_numpy(np.frombuffer(msg.indices, dtype="<i8").astype(np.int64))
+
+    @property
+    def remaining(self) -> int:
+        return self.msg.count - self.offset
+
+    @property
+    def left_in_epoch(self) -> int:
+        return self.msg.epoch_size - self.msg.start - self.offset
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        s = slice(self.offset, self.offset + n)
+        self.offset += n
+        return self.images[s], self.labels[s], self.indices[s]
+
+
+class _Heartbeat(threading.Thread):
+    """Tells the producer this job is alive, even while the training thread is busy elsewhere."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, job_id: int, interval: float):
+        super().__init__(name=f"dalishare-heartbeat-{job_id}", daemon=True)
+        self._ctx, self._endpoint, self._job_id, self._interval = ctx, endpoint, job_id, interval
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self._endpoint)
+        try:
+            beat = protocol.encode(Heartbeat(self._job_id))
+            while not self._stopped.wait(self._interval):
+                sock.send(beat, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the producer went away; the training thread reports that
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join(timeout=5)
+
+
+class DaliShareIterator:
+    """Batches from a shared dalishare producer, as torch tensors.
+
+    Each item is a dict: ``images`` (N, H, W, C) uint8 on the CPU (or on ``device``), ``labels``
+    and ``indices`` (int64, the samples' stable dataset indices). One pass over the iterator is one
+    epoch (``loader.epoch`` says which); ``len(loader)`` is this job's batches per full epoch; the
+    last batch of an epoch may be smaller than ``batch_size``. A job that attaches mid-epoch first
+    gets the rest of that epoch.
+
+    ``images`` is a read-only view of shared memory (writing to it faults): it stays valid until the
+    iterator's next step. Keep it longer, or modify it in place, only after ``.clone()``, or pass
+    ``copy=True``. ``augment`` is any callable applied to each batch dict; its result is yielded.
+
+    Args:
+        name: the producer's ``--name``.
+        batch_size: this job's batch size (default: the producer's).
+        device: move batches to this torch device (default: where the ring is, the CPU).
+        augment: callable applied to each batch dict on this job's side.
+        copy: yield tensors the job owns instead of views of the ring.
+        attach_timeout: seconds to wait for the producer to answer, then `ProducerNotFound`.
+        batch_timeout: seconds to wait for the next batch from a live producer, then `ProducerLost`.
+    """
+
+    def __init__(self, name: str = "default", batch_size: int | None = None, device=None,
+                 augment: Callable | None = None, *, copy: bool = False, attach_timeout: float = 60.0,
+                 batch_timeout: float = 600.0, heartbeat_interval: float = 1.0):
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        self.name = runtime.check_name(name)
+        self.augment, self.copy, self.batch_timeout = augment, copy, batch_timeout
+        self.device = torch.device(device) if device is not None else None
+        self.epoch: int | None = None
+        self.stop_reason: str | None = None
+        self.handoff_ns: deque[int] = deque(maxlen=100_000)  # announcement sent -> view ready
+        self._pending: deque[Batch] = deque()
+        self._current: _ProducerBatch | None = None
+        self._deferred: list[int] = []  # seqs of slots whose views were yielded at the last step
+        self._epoch_over = True
+        self._ring = self._heartbeat = None
+        self._endpoint = runtime.endpoint(name)
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self._endpoint)
+        try:
+            welcome = self._attach(attach_timeout)
+            self.job_id, self.producer_pid = welcome.job_id, welcome.producer_pid
+            self.classes, self.samples_per_epoch = welcome.classes, welcome.epoch_size
+            self.producer_batch_size = welcome.batch_size
+            self.batch_size = batch_size or welcome.batch_size
+            self._sample_shape = tuple(welcome.sample_shape)
+            self._dtype = getattr(torch, welcome.dtype)
+            self._ring = attach_ring(RingLayout.from_wire(welcome.ring))
+            with warnings.catch_warnings():  # the mapping is read-only on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                self._slot_tensors = [torch.frombuffer(self._ring.slot(k), dtype=torch.uint8)
+                                      for k in range(self._ring.layout.slots)]
+            self._heartbeat = _Heartbeat(self._ctx, self._endpoint, self.job_id, heartbeat_interval)
+            self._heartbeat.start()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return math.ceil(self.samples_per_epoch / self.batch_size)
+
+    def __iter__(self):
+        self._skip_rest_of_epoch()
+        head = self._peek()
+        if head is None:
+            return
+        self.epoch, self._epoch_over = head.epoch, False
+        while (batch := self._next_batch()) is not None:
+            yield self.augment(batch) if self.augment is not None else batch
+
+    def close(self) -> None:
+        """Detach from the producer, stop the heartbeat, unmap the ring. Safe to call twice."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        if not self._sock.closed:
+            if getattr(self, "job_id", None) is not None:
+                try:
+                    self._sock.send(protocol.encode(Bye(self.job_id, "closed")), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            self._sock.close(linger=100)
+            self._ctx.term()
+        self._current, self._slot_tensors = None, []
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+    def __enter__(self) -> "DaliShareIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- rebatching ----------------------------------------------------------------------------
+
+    def _next_batch(self) -> dict | None:
+        self._release_deferred()
+        if self._epoch_over:
+            return None
+        first = self._producer_batch()
+        if first is None:
+            return None
+        size = min(self.batch_size, first.left_in_epoch)
+        if first.remaining >= size:  # inside one producer batch: a view
+            images, labels, indices = first.take(size)
+            self._finish_if_consumed(first, deferred=True)
+            if self.copy:
+                images = images.clone()
+        else:  # spans producer batches: assemble into a tensor this job owns
+            images = torch.empty((size, *self._sample_shape), dtype=self._dtype)
+            labels, indices = torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=torch.int64)
+            filled = 0
+            while filled < size:
+                part = self._producer_batch()
+                if part is None:  # the producer stopped mid-batch: hand out what arrived
+                    images, labels, indices = images[:filled], labels[:filled], indices[:filled]
+                    break
+                n = min(size - filled, part.remaining)
+                for out, piece in zip((images, labels, indices), part.take(n)):
+                    out[filled : filled + n] = piece
+                filled += n
+                self._finish_if_consumed(part, deferred=False)
+        batch = {"images": images, "labels": labels, "indices": indices}
+        if self.device is not None and self.device.type != "cpu":
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+        return batch
+
+    def _producer_batch(self) -> _ProducerBatch | None:
+        """The producer batch to read next (blocking for it), or None once the producer stopped."""
+        if self._current is None:
+            msg = self._pop()
+            if msg is None:
+                return None
+            images = self._slot_tensors[msg.slot][: msg.count * math.prod(self._sample_shape) * self._dtype.itemsize]
+            images = images.view(self._dtype).view(msg.count, *self._sample_shape)
+            self._current = _ProducerBatch(msg, images)
+            self.handoff_ns.append(time.monotonic_ns() - msg.sent_ns)
+        return self._current
+
+    def _finish_if_consumed(self, part: _ProducerBatch, deferred: bool) -> None:
+        if part.remaining:
+            return
+        if part.left_in_epoch == 0:
+            self._epoch_over = True
+        self._current = None
+        if deferred:  # a view of it was yielded: keep the slot until the next step
+            self._deferred.append(part.msg.seq)
+        else:
+            self._release(part.msg.seq)
+
+    def _skip_rest_of_epoch(self) -> None:
+        """A new pass starts a new epoch: release what is left of an abandoned one."""
+        self._release_deferred()
+        while not self._epoch_over:
+            part = self._producer_batch()
+            if part is None:
+                break
+            part.take(part.remaining)
+            self._finish_if_consumed(part, deferred=False)
+
+    def _release_deferred(self) -> None:
+        for seq in self._deferred:
+            self._release(seq)
+        self._deferred.clear()
+
+    def _release(self, seq: int) -> None:
+        try:
+            self._sock.send(protocol.encode(Release(self.job_id, seq)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # a gone producer is reported by the next wait
+
+    # -- control channel ------------------------------------------------------------------------
+
+    def _attach(self, timeout: float) -> Welcome:
+        self._sock.send(protocol.encode(Hello(os.getpid())))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._sock.poll(POLL_S * 1000):
+                continue
+            try:
+                msg = protocol.decode(self._sock.recv())
+            except ProtocolError as exc:
+                log.warning("ignored a malformed message while attaching to %r: %s", self.name, exc)
+                continue
+            if isinstance(msg, Reject):
+                raise ProtocolError(f"producer {self.name!r} refused this job: {msg.reason}")
+            if isinstance(msg, Welcome):
+                return msg
+        raise ProducerNotFound(
+            f"no producer named {self.name!r} answered at {self._endpoint} within {timeout:.0f} s: "
+            f"start one with `dalishare serve PIPELINE --data DIR --name {self.name}`")
+
+    def _peek(self) -> Batch | None:
+        self._wait_for_batch()
+        return self._pending[0] if self._pending else None
+
+    def _pop(self) -> Batch | None:
+        self._wait_for_batch()
+        return self._pending.popleft() if self._pending else None
+
+    def _wait_for_batch(self) -> None:
+        """Receive until a batch is pending or the producer stopped; a dead producer raises `ProducerLost`."""
+        deadline = time.monotonic() + self.batch_timeout
+        while not self._pending and self.stop_reason is None:
+            if self._sock.poll(POLL_S * 1000):
+                self._receive_all()
+            elif not runtime.pid_alive(self.producer_pid):
+                raise ProducerLost(
+                    f"producer {self.name!r} (pid {self.producer_pid}) died; restart it with "
+                    f"`dalishare serve ... --name {self.name}` and restart this job")
+            elif time.monotonic() > deadline:
+                raise ProducerLost(
+                    f"producer {self.name!r} (pid {self.producer_pid}) is alive but sent no batch for "
+                    f"{self.batch_timeout:.0f} s; check its log (is another job holding it back?)")
+
+    def _receive_all(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(data)
+            except ProtocolError as exc:
+                log.warning("ignored a malformed message from producer %r: %s", self.name, exc)
+                continue
+            if isinstance(msg, Batch):
+                self._pending.append(msg)
+            elif isinstance(msg, Stop):
+                self.stop_reason = msg.reason
+                self._pending.clear()
+                log.warning("producer %r stopped: %s", self.name, msg.reason)

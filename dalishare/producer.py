@@ -1,0 +1,303 @@
+"""The serve loop: run the shared stage, fill ring slots, announce them, track jobs, reclaim slots.
+
+The loop is single-threaded: DALI decodes ahead in its own threads (prefetch), while this thread
+alternates between control messages and copying finished batches into free slots. The rules for
+when a slot may be written are NOTE [ Slot ownership ] in ring.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from . import protocol, runtime
+from .dataset import Dataset, epoch_order, scan
+from .errors import ConfigError, ProtocolError
+from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Stop, Welcome
+from .ring import create_ring
+from .stage import build_pipeline, load_stage, read_encoded
+
+log = logging.getLogger(__name__)
+
+REAP_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class _Plan:
+    epoch: int
+    start: int
+    indices: np.ndarray
+    labels: np.ndarray
+    last: bool
+
+
+class EpochFeed:
+    """DALI's external source: yields the encoded images of each batch in serving order, forever.
+
+    Every batch it hands DALI is recorded in ``plans``; DALI returns outputs in the same order, so
+    the producer pops the plan that matches each output.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.plans: deque[_Plan] = deque()
+        self._epoch, self._pos = 0, 0
+        self._order = epoch_order(len(dataset), seed, 0)
+
+    def __call__(self) -> list[np.ndarray]:
+        n = len(self.dataset)
+        indices = self._order[self._pos : self._pos + self.batch_size]
+        last = self._pos + len(indices) == n
+        self.plans.append(_Plan(self._epoch, self._pos, indices, self.dataset.labels[indices], last))
+        self._pos += len(indices)
+        if last:
+            self._epoch, self._pos = self._epoch + 1, 0
+            self._order = epoch_order(n, self.seed, self._epoch)
+        return read_encoded(self.dataset.files[i] for i in indices)
+
+
+@dataclass
+class _Job:
+    id: int
+    pid: int
+    identity: bytes
+    last_seen: float
+
+
+@dataclass
+class _Slot:
+    batch: Batch | None = None                     # what the slot holds now
+    holders: set[int] = field(default_factory=set)  # jobs that were sent it and have not released it
+
+
+@dataclass
+class ServeOptions:
+    name: str = "default"
+    batch_size: int = 64
+    device: str = "cpu"
+    slots: int = 4
+    seed: int = 0
+    epochs: int | None = None          # None: serve until stopped
+    min_consumers: int = 1
+    num_threads: int | None = None
+    heartbeat_timeout: float = 10.0
+
+    def check(self) -> None:
+        runtime.check_name(self.name)
+        for key in ("batch_size", "slots", "min_consumers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError("--epochs must be at least 1")
+
+
+class Producer:
+    """One shared stage served under one name. Build it, then call `serve()`; `stop()` ends it."""
+
+    def __init__(self, pipeline_file: str | Path, data: str | Path, options: ServeOptions | None = None):
+        self.options = options or ServeOptions()
+        self.options.check()
+        self.pipeline_file, self.data = Path(pipeline_file), Path(data)
+        self.stop_reason: str | None = None
+        self.batches_served = 0
+        self.bad_messages = 0
+        self._jobs: dict[int, _Job] = {}
+        self._pipe = None
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Ask the serve loop to end; safe to call from a signal handler."""
+        self.stop_reason = self.stop_reason or reason
+
+    def serve(self) -> None:
+        opts = self.options
+        lock = runtime.ServeLock(opts.name)
+        ring = sock = ctx = None
+        try:
+            runtime.clean_stale(opts.name)
+            runtime.socket_path(opts.name).unlink(missing_ok=True)
+            dataset = scan(self.data)
+            stage = load_stage(self.pipeline_file)
+            self._feed = EpochFeed(dataset, opts.batch_size, opts.seed)
+            self._pipe = build_pipeline(stage, self._feed, batch_size=opts.batch_size, device=opts.device,
+                                        num_threads=opts.num_threads, seed=opts.seed)
+            self._ready = self._next_output()
+            images = self._ready[0]
+            self._sample_shape, self._dtype = list(images.shape[1:]), images.dtype
+            ring = create_ring(opts.name, opts.slots, opts.batch_size * images[0].nbytes)
+            ctx = zmq.Context()
+            sock = ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+            sock.bind(runtime.endpoint(opts.name))
+            self._dataset, self._ring, self._sock = dataset, ring, sock
+            self._slots = [_Slot() for _ in range(opts.slots)]
+            self._seq, self._next_job_id, self._started, self._done = 0, 1, False, False
+            log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots, at %s",
+                     opts.name, len(dataset), len(dataset.classes), opts.batch_size, self._sample_shape,
+                     self._dtype, opts.slots, runtime.endpoint(opts.name))
+            self._loop()
+        finally:
+            if sock is not None:
+                self._broadcast(Stop(self.stop_reason or "producer stopped"))
+                sock.close(linger=500)
+            if ctx is not None:
+                ctx.term()
+            if ring is not None:
+                ring.close()
+            runtime.socket_path(opts.name).unlink(missing_ok=True)
+            lock.release()
+            self._pipe = None
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        next_reap = time.monotonic()
+        while self.stop_reason is None:
+            can_produce = self._can_produce()
+            self._handle_messages(timeout_ms=0 if can_produce else 50)
+            if time.monotonic() >= next_reap:
+                self._reap()
+                next_reap = time.monotonic() + REAP_INTERVAL_S
+            if self._can_produce():
+                self._produce()
+            elif self._done and not any(s.holders for s in self._slots):
+                self.stop(f"finished {self.options.epochs} epochs")
+        log.info("stopping %r: %s (%d batches served)", self.options.name, self.stop_reason, self.batches_served)
+
+    def _can_produce(self) -> bool:
+        if self._done or not self._jobs:
+            return False
+        if not self._started and len(self._jobs) < self.options.min_consumers:
+            return False
+        return not self._slots[self._seq % len(self._slots)].holders
+
+    def _next_output(self) -> tuple[np.ndarray, _Plan]:
+        (out,) = self._pipe.run()
+        return np.asarray(out.as_tensor()), self._feed.plans.popleft()
+
+    def _produce(self) -> None:
+        images, plan = self._ready if self._ready is not None else self._next_output()
+        self._ready = None
+        if list(images.shape[1:]) != self._sample_shape:
+            raise ConfigError(f"the stage produced samples of shape {list(images.shape[1:])} after "
+                              f"{self._sample_shape}: it must output one fixed shape (add a crop)")
+        slot_index = self._seq % len(self._slots)
+        self._ring.write(slot_index, images)
+        slot = self._slots[slot_index]
+        slot.batch = Batch(seq=self._seq, slot=slot_index, epoch=plan.epoch, start=plan.start,
+                           count=len(plan.indices), epoch_size=len(self._dataset),
+                           labels=plan.labels.astype("<i8").tobytes(),
+                           indices=plan.indices.astype("<i8").tobytes(), sent_ns=0)
+        for job in list(self._jobs.values()):
+            self._announce(job, slot)
+        self._seq += 1
+        self._started = True
+        self.batches_served += 1
+        if plan.last and self.options.epochs is not None and plan.epoch + 1 >= self.options.epochs:
+            self._done = True
+
+    def _announce(self, job: _Job, slot: _Slot) -> None:
+        slot.holders.add(job.id)
+        self._send(job, dataclasses.replace(slot.batch, sent_ns=time.monotonic_ns()))
+
+    # -- control messages -----------------------------------------------------------------------
+
+    def _handle_messages(self, timeout_ms: int) -> None:
+        if not self._sock.poll(timeout_ms):
+            return
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self._drop(f"{len(frames)} frames")
+                continue
+            try:
+                msg = protocol.decode(frames[1])
+            except ProtocolError as exc:
+                self._drop(str(exc))
+                continue
+            self._dispatch(frames[0], msg)
+
+    def _drop(self, why: str) -> None:
+        self.bad_messages += 1
+        log.debug("dropped a control message: %s", why)
+
+    def _dispatch(self, identity: bytes, msg) -> None:
+        if isinstance(msg, Hello):
+            self._attach(identity, msg)
+            return
+        job = self._jobs.get(getattr(msg, "job_id", -1))
+        if job is None:
+            self._drop(f"{type(msg).__name__} for unknown job")
+            return
+        job.last_seen = time.monotonic()
+        if isinstance(msg, Release):
+            slot = self._slots[msg.seq % len(self._slots)]
+            if slot.batch is not None and slot.batch.seq == msg.seq:
+                slot.holders.discard(job.id)
+        elif isinstance(msg, Bye):
+            self._detach(job, f"left: {msg.reason}")
+        elif not isinstance(msg, Heartbeat):
+            self._drop(f"unexpected {type(msg).__name__} from job {job.id}")
+
+    def _attach(self, identity: bytes, hello: Hello) -> None:
+        if hello.version != protocol.PROTOCOL_VERSION:
+            self._sock.send_multipart([identity, protocol.encode(Reject(
+                f"protocol version {hello.version} is not the producer's {protocol.PROTOCOL_VERSION}: "
+                f"install the same dalishare version in the job and the producer"))], zmq.NOBLOCK)
+            self._drop(f"hello with protocol version {hello.version}")
+            return
+        job = _Job(self._next_job_id, hello.pid, identity, time.monotonic())
+        self._next_job_id += 1
+        self._jobs[job.id] = job
+        self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(), ring=self._ring.layout.to_wire(),
+                                sample_shape=self._sample_shape, dtype=self._dtype.name,
+                                epoch_size=len(self._dataset), batch_size=self.options.batch_size,
+                                classes=self._dataset.classes))
+        for slot in self._resident_of_current_epoch():
+            self._announce(job, slot)
+        log.info("job %d (pid %d) attached; %d jobs", job.id, job.pid, len(self._jobs))
+
+    def _resident_of_current_epoch(self) -> list[_Slot]:
+        """Slots still holding batches of an unfinished epoch, oldest first: what a late job may still read."""
+        filled = sorted((s for s in self._slots if s.batch is not None), key=lambda s: s.batch.seq)
+        if not filled or filled[-1].batch.count + filled[-1].batch.start == filled[-1].batch.epoch_size:
+            return []
+        return [s for s in filled if s.batch.epoch == filled[-1].batch.epoch]
+
+    def _send(self, job: _Job, msg) -> None:
+        try:
+            self._sock.send_multipart([job.identity, protocol.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: its socket is gone; EAGAIN: it stopped reading
+            self._detach(job, f"unreachable ({exc})")
+
+    def _broadcast(self, msg) -> None:
+        for job in list(self._jobs.values()):
+            self._send(job, msg)
+
+    # -- liveness -------------------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for job in list(self._jobs.values()):
+            if not runtime.pid_alive(job.pid):
+                self._detach(job, "died (its process is gone)")
+            elif now - job.last_seen > self.options.heartbeat_timeout:
+                self._detach(job, f"sent no heartbeat for {now - job.last_seen:.0f} s")
+
+    def _detach(self, job: _Job, why: str) -> None:
+        if self._jobs.pop(job.id, None) is None:
+            return
+        for slot in self._slots:
+            slot.holders.discard(job.id)
+        log.info("job %d (pid %d) %s; %d jobs left", job.id, job.pid, why, len(self._jobs))

@@ -1,0 +1,114 @@
+"""Control messages between a producer and its jobs, and their wire form.
+
+Each message is a frozen dataclass. On the wire it is one msgpack map: ``{"t": TAG, field: value, ...}``.
+Decoding checks the tag, the exact set of fields and each field's type, so a stranger's bytes become
+a `ProtocolError` (which the receiver counts and drops), never code: no pickle anywhere.
+
+Job -> producer: Hello, Release, Heartbeat, Bye.   Producer -> job: Welcome, Reject, Batch, Stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import msgpack
+
+from .errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20  # a batch announcement of 10,000 samples is ~170 kB
+
+
+@dataclass(frozen=True)
+class Hello:
+    pid: int
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class Welcome:
+    job_id: int
+    producer_pid: int
+    ring: dict              # ring.RingLayout.to_wire()
+    sample_shape: list      # e.g. [224, 224, 3]
+    dtype: str              # numpy dtype name of the pixels, e.g. "uint8"
+    epoch_size: int         # samples per epoch
+    batch_size: int         # the producer's batch size
+    classes: list
+
+
+@dataclass(frozen=True)
+class Reject:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Slot ``slot`` holds samples ``start .. start+count-1`` of epoch ``epoch``'s order."""
+
+    seq: int
+    slot: int
+    epoch: int
+    start: int
+    count: int
+    epoch_size: int
+    labels: bytes           # int64 little-endian, one per sample
+    indices: bytes          # int64 little-endian stable sample indices
+    sent_ns: int            # time.monotonic_ns() at send, for hand-off latency
+
+
+@dataclass(frozen=True)
+class Release:
+    job_id: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    job_id: int
+
+
+@dataclass(frozen=True)
+class Bye:
+    job_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    reason: str
+
+
+MESSAGES = {cls.__name__.lower(): cls for cls in (Hello, Welcome, Reject, Batch, Release, Heartbeat, Bye, Stop)}
+_FIELDS = {cls: {f.name: f.type for f in dataclasses.fields(cls)} for cls in MESSAGES.values()}
+_TYPES = {"int": int, "str": str, "bytes": bytes, "dict": dict, "list": list}
+
+
+def encode(msg) -> bytes:
+    body = dataclasses.asdict(msg)
+    body["t"] = type(msg).__name__.lower()
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(data: bytes):
+    """Parse one message; anything malformed raises `ProtocolError`."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"undecodable message: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("message is not a map")
+    cls = MESSAGES.get(body.pop("t", None))
+    if cls is None:
+        raise ProtocolError("message has an unknown or missing type tag")
+    fields = _FIELDS[cls]
+    if set(body) != set(fields):
+        raise ProtocolError(f"{cls.__name__} has fields {sorted(body)}, expected {sorted(fields)}")
+    for key, type_name in fields.items():
+        value = body[key]
+        if not isinstance(value, _TYPES[type_name]) or (type_name == "int" and isinstance(value, bool)):
+            raise ProtocolError(f"{cls.__name__}.{key} should be {type_name}, got {type(value).__name__}")
+    return cls(**body)

@@ -1,0 +1,120 @@
+"""The ring: a fixed set of slots, each holding one producer batch, shared by the producer and its jobs.
+
+NOTE [ Slot ownership ]
+=======================
+- Creation. The producer creates the ring's memory once, before it accepts jobs, and is its only
+  writer. A job maps the ring read-only at attach (the layout arrives in the ``Welcome`` message) and
+  never writes to it: a job that tried would fault instead of corrupting its neighbours' batches.
+- Writing. The producer writes slot k only while no live job holds it. A slot becomes held by every
+  job that is sent its ``Batch`` announcement (at production, or at attach for the resident batches
+  of the current epoch) and stops being held by a job when that job sends ``Release`` for it or is
+  declared dead. Slots are reused in ring order (seq % slots), so the producer waits on the oldest.
+- Reading. A job reads a slot between receiving its announcement and sending its release. Views it
+  yields stay valid until its iterator's next step; it releases a slot at that next step, or right
+  after copying out of it when a job batch spans producer batches.
+- Unlinking. The producer unlinks the segment when it stops (also on SIGINT/SIGTERM). A job's
+  mapping stays valid after the unlink and is unmapped when the job closes.
+- Death. The kernel keeps no link from a dead producer to its segment: a producer that was killed
+  leaves ``/dev/shm/dalishare.NAME.PID`` behind, and `runtime.clean_stale` removes it (at the next
+  ``dalishare serve`` or ``dalishare cleanup``). A dead job's mapping goes with its process; the
+  producer frees the job's slots when it notices the death (see ``producer.Producer._reap``).
+
+The producer side is `create_ring(...)`, the job side `attach_ring(layout)`; both speak only array
+protocols (NumPy here), so neither DALI nor torch is imported.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from . import runtime
+from .errors import ProducerLost, ProtocolError
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """What a job needs to map the ring; travels in ``Welcome`` as a plain dict."""
+
+    kind: str          # "host": one POSIX shared-memory segment
+    segment: str       # file name under /dev/shm
+    slots: int
+    slot_bytes: int
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "RingLayout":
+        return cls(kind=str(d["kind"]), segment=str(d["segment"]), slots=int(d["slots"]),
+                   slot_bytes=int(d["slot_bytes"]))
+
+
+class HostRing:
+    """Slots in one ``/dev/shm`` segment, mode 0600. Producer side: created, writable, unlinked on close."""
+
+    def __init__(self, name: str, slots: int, slot_bytes: int):
+        self.layout = RingLayout("host", runtime.shm_name(name, os.getpid()), slots, slot_bytes)
+        self._path = runtime.SHM_DIR / self.layout.segment
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, slots * slot_bytes)
+            self._map = mmap.mmap(fd, slots * slot_bytes)
+        except BaseException:
+            self._path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        self._array = np.frombuffer(self._map, dtype=np.uint8).reshape(slots, slot_bytes)
+
+    def write(self, slot: int, batch) -> None:
+        """Copy a batch (any object with the array interface, e.g. a DALI CPU tensor) into ``slot``."""
+        src = np.asarray(batch)
+        if src.nbytes > self.layout.slot_bytes:
+            raise ValueError(f"batch of {src.nbytes} bytes does not fit a {self.layout.slot_bytes}-byte slot")
+        np.copyto(self._array[slot, : src.nbytes], src.reshape(-1).view(np.uint8))
+
+    def close(self) -> None:
+        self._path.unlink(missing_ok=True)
+        self._array = None
+        self._map.close()
+
+
+class HostRingView:
+    """Job side of a `HostRing`: a read-only mapping of the same segment."""
+
+    def __init__(self, layout: RingLayout):
+        self.layout = layout
+        path = runtime.SHM_DIR / layout.segment
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ProducerLost(f"ring segment {path} is gone: its producer stopped; start it again") from None
+        try:
+            self._map = mmap.mmap(fd, layout.slots * layout.slot_bytes, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+
+    def slot(self, k: int) -> memoryview:
+        """A read-only buffer over slot k (zero copy)."""
+        start = k * self.layout.slot_bytes
+        return memoryview(self._map)[start : start + self.layout.slot_bytes]
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # views a user still holds keep the mapping alive; it goes with the last of them
+
+
+def create_ring(name: str, slots: int, slot_bytes: int):
+    return HostRing(name, slots, slot_bytes)
+
+
+def attach_ring(layout: RingLayout):
+    if layout.kind == "host":
+        return HostRingView(layout)
+    raise ProtocolError(f"the producer serves a ring of kind {layout.kind!r}, which this dalishare cannot map; upgrade it")

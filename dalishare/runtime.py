@@ -1,0 +1,144 @@
+"""Names and places of everything a producer creates, and removal of what dead producers left.
+
+Every resource of a producer named NAME with process id PID:
+
+- ``<runtime dir>/NAME.lock``  held with ``flock`` while the producer lives (one producer per name);
+  it also records the producer's pid for error messages.
+- ``<runtime dir>/NAME.sock``  the ZeroMQ ``ipc://`` control endpoint.
+- ``/dev/shm/dalishare.NAME.PID``  the host ring (one POSIX shared-memory segment).
+
+The runtime directory is per user and mode 0700: ``$DALISHARE_RUNTIME_DIR``, else
+``$XDG_RUNTIME_DIR/dalishare``, else ``/tmp/dalishare-UID``. `clean_stale` removes whatever a dead
+producer left; a producer calls it at start and ``dalishare cleanup`` calls it by hand.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+from pathlib import Path
+
+from .errors import AlreadyServing, ConfigError
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "dalishare."
+_NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        raise ConfigError(f"invalid producer name {name!r}: use 1-64 letters, digits, '_' or '-'")
+    return name
+
+
+def runtime_dir() -> Path:
+    """The per-user directory for locks and sockets, created with mode 0700."""
+    base = os.environ.get("DALISHARE_RUNTIME_DIR")
+    if base:
+        path = Path(base)
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "dalishare"
+    else:
+        path = Path(f"/tmp/dalishare-{os.getuid()}")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_uid != os.getuid():
+        raise ConfigError(f"runtime directory {path} belongs to another user; set DALISHARE_RUNTIME_DIR")
+    os.chmod(path, 0o700)
+    return path
+
+
+def socket_path(name: str) -> Path:
+    return runtime_dir() / f"{check_name(name)}.sock"
+
+
+def endpoint(name: str) -> str:
+    return f"ipc://{socket_path(name)}"
+
+
+def lock_path(name: str) -> Path:
+    return runtime_dir() / f"{check_name(name)}.lock"
+
+
+def shm_name(name: str, pid: int) -> str:
+    return f"{SHM_PREFIX}{check_name(name)}.{pid}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class ServeLock:
+    """The one-producer-per-name lock; the kernel drops it when its holder dies, however it dies."""
+
+    def __init__(self, name: str):
+        self.path = lock_path(name)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._fd)
+            raise AlreadyServing(
+                f"a producer named {name!r} is already running (pid {holder}); "
+                f"stop it first or serve under another --name") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _lock_is_free(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def clean_stale(name: str | None = None) -> list[str]:
+    """Remove segments, sockets and locks whose producer is dead; return what was removed.
+
+    With ``name`` only that producer's leftovers are considered, else every name of this user.
+    """
+    removed: list[str] = []
+    for seg in SHM_DIR.glob(f"{SHM_PREFIX}*"):
+        parts = seg.name.split(".")
+        if len(parts) != 3 or (name and parts[1] != name) or not parts[2].isdigit():
+            continue
+        try:
+            if seg.stat().st_uid == os.getuid() and not pid_alive(int(parts[2])):
+                seg.unlink()
+                removed.append(str(seg))
+        except FileNotFoundError:
+            pass
+    rdir = runtime_dir()
+    names = [name] if name else sorted({p.stem for p in rdir.iterdir() if p.suffix in (".lock", ".sock")})
+    for n in names:
+        if _lock_is_free(lock_path(n)):
+            for path in (socket_path(n), lock_path(n)):
+                if path.exists():
+                    path.unlink(missing_ok=True)
+                    removed.append(str(path))
+    for item in removed:
+        log.info("removed stale %s", item)
+    return removed

@@ -1,0 +1,94 @@
+"""Shared stages: loading ``pipelines/*.py`` and building the DALI pipeline that runs one.
+
+A stage file defines ``stage(jpegs, decoder_device)``: it gets the DALI node of a batch of encoded
+images and the device for ``fn.decoders.image`` ("cpu", or "mixed" on a GPU) and returns the node of
+the decoded, resized images, one fixed HWC shape per sample. Later ops follow their input's device, so
+the same definition runs on the CPU and on a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .errors import ConfigError, StageError
+
+
+def load_stage(path: str | Path) -> Callable:
+    """Import a stage file and return its ``stage`` function; any failure is one-line `StageError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"pipeline file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"dalishare_stage_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        raise StageError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
+    except Exception as exc:
+        raise StageError(f"{path} failed to import: {type(exc).__name__}: {exc}") from None
+    stage = getattr(module, "stage", None)
+    if not callable(stage):
+        raise StageError(f"{path} defines no stage: add a function `stage(jpegs, decoder_device)`")
+    return stage
+
+
+def parse_device(device: str) -> int | None:
+    """``"cpu"`` -> None (DALI's CPU-only mode); GPU serving is not available in this version."""
+    if device == "cpu":
+        return None
+    if device == "gpu" or device.startswith("gpu:"):
+        raise ConfigError(f"--device {device}: GPU serving is not available in this version; use --device cpu")
+    raise ConfigError(f"unknown device {device!r}: use 'cpu'")
+
+
+def read_encoded(paths: Iterable[Path]) -> list[np.ndarray]:
+    return [np.fromfile(p, dtype=np.uint8) for p in paths]
+
+
+def build_pipeline(stage: Callable, source: Callable, *, batch_size: int, device: str = "cpu",
+                   num_threads: int | None = None, seed: int = 0, prefetch: int = 2):
+    """A DALI pipeline that feeds ``source()`` (a list of encoded images, up to ``batch_size``) to ``stage``."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    device_id = parse_device(device)
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1,
+                  device_id=device_id, seed=seed, prefetch_queue_depth=prefetch)
+    def pipeline():
+        jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8, name="encoded")
+        return stage(jpegs, "cpu" if device_id is None else "mixed")
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+def standalone_batches(stage: Callable, files: list[Path], batch_size: int, *, device: str = "cpu",
+                       num_threads: int | None = None):
+    """Run ``stage`` over ``files`` in order, yielding NumPy NHWC batches: a job loading on its own.
+
+    Used as the baseline in the demo and the benchmarks.
+    """
+    starts = iter(range(0, len(files), batch_size))
+
+    def source():
+        start = next(starts, None)
+        if start is None:
+            raise StopIteration
+        return read_encoded(files[start : start + batch_size])
+
+    pipe = build_pipeline(stage, source, batch_size=batch_size, device=device, num_threads=num_threads)
+    try:
+        while True:
+            try:
+                (out,) = pipe.run()
+            except StopIteration:
+                return
+            yield np.asarray(out.as_tensor())
+    finally:
+        del pipe
