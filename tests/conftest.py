@@ -1,0 +1,130 @@
+"""Shared fixtures: a generated JPEG dataset, producer and job processes, and a leak check on every test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+RESNET = ROOT / "pipelines" / "resnet.py"
+CLASS_SIZES = {"ants": 10, "bees": 7, "wasps": 13}  # 30 samples
+
+
+def make_dataset(root: Path, class_sizes: dict[str, int], seed: int = 0) -> Path:
+    """Write random-content JPEGs of varying sizes into class folders."""
+    rng = np.random.default_rng(seed)
+    for cls, n in class_sizes.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = int(rng.integers(180, 400)), int(rng.integers(180, 400))
+            # smooth gradients plus noise: compressible like a photo, distinct per image
+            y, x = np.mgrid[0:h, 0:w]
+            base = np.stack([(x * (i + 1)) % 256, (y * 3) % 256, ((x + y) * (len(cls))) % 256], -1)
+            img = np.clip(base + rng.integers(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / cls / f"{cls}_{i:03d}.jpg", quality=90)
+    return root
+
+
+def expected_labels(root: Path) -> list[int]:
+    """Label of each sample index, computed independently of dalishare.dataset."""
+    labels = []
+    for label, cls in enumerate(sorted(p.name for p in root.iterdir() if p.is_dir())):
+        labels += [label] * len([p for p in (root / cls).iterdir() if p.suffix == ".jpg"])
+    return labels
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), CLASS_SIZES)
+
+
+def _children() -> list[str]:
+    me, found = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            found.append(f"pid {stat.parent.name} ({stat.read_text().split(')')[0].split('(')[1]})")
+    return found
+
+
+def _segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("dalishare.*")}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(monkeypatch):
+    """Each test gets its own runtime dir; fail any test that leaves a process, socket or segment."""
+    rundir = tempfile.mkdtemp(prefix="ds-")  # short: ipc:// paths are limited to ~107 characters
+    monkeypatch.setenv("DALISHARE_RUNTIME_DIR", rundir)
+    before = _segments()
+    yield Path(rundir)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (_children() or _segments() - before or os.listdir(rundir)):
+        time.sleep(0.1)
+    left = {"processes": _children(), "segments": sorted(_segments() - before), "runtime files": os.listdir(rundir)}
+    os.rmdir(rundir) if not left["runtime files"] else None
+    assert not any(left.values()), f"test left resources behind: {left}"
+
+
+class Server:
+    """``dalishare serve`` in a child process; stopped with SIGTERM (and checked) at exit."""
+
+    def __init__(self, data: Path, *args: str, name: str = "t", pipeline: Path = RESNET):
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dalishare", "serve", str(pipeline), "--data", str(data), "--name", name, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            pytest.fail(f"producer did not exit within {timeout} s; log:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.proc.stdout.read() if self.proc.poll() is not None else "(still running)"
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.wait(30)
+        self.proc.stdout.close()
+
+
+class Job:
+    """tests/job_script.py in a child process; its record is read back as JSON."""
+
+    def __init__(self, out: Path, **spec):
+        self.out = out
+        spec.setdefault("name", "t")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "job_script.py"), json.dumps({**spec, "out": str(out)})],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def result(self, timeout: float = 120) -> dict:
+        try:
+            output, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            output, _ = self.proc.communicate(timeout=10)
+            pytest.fail(f"job did not finish within {timeout} s; output:\n{output}")
+        assert self.proc.returncode == 0, f"job failed with exit code {self.proc.returncode}:\n{output}"
+        return json.loads(self.out.read_text())

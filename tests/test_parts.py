@@ -1,0 +1,116 @@
+"""The parts on their own: dataset scan, stage loading, the wire format, the CLI's errors, cleanup."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import RESNET, make_dataset
+from dalishare import protocol, runtime
+from dalishare.dataset import epoch_order, scan
+from dalishare.errors import AlreadyServing, DatasetError, ProtocolError, StageError
+from dalishare.stage import load_stage
+
+
+def test_scan_gives_sorted_classes_stable_indices_and_warns_once_about_non_images(tmp_path, caplog):
+    make_dataset(tmp_path, {"b": 2, "a": 3})
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    (tmp_path / "b" / "labels.csv").write_text("x")
+    with caplog.at_level(logging.WARNING):
+        ds = scan(tmp_path)
+    assert ds.classes == ["a", "b"]
+    assert [p.name for p in ds.files] == ["a_000.jpg", "a_001.jpg", "a_002.jpg", "b_000.jpg", "b_001.jpg"]
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "a/notes.txt" in warnings[0] and "b/labels.csv" in warnings[0]
+    assert scan(tmp_path).files == ds.files
+
+
+def test_scan_rejects_missing_and_empty_folders(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan(tmp_path / "nope")
+    (tmp_path / "cls").mkdir()
+    with pytest.raises(DatasetError, match="no images found"):
+        scan(tmp_path)
+
+
+def test_epoch_order_is_a_seeded_permutation_that_changes_each_epoch():
+    a0, a1 = epoch_order(100, 3, 0), epoch_order(100, 3, 1)
+    assert sorted(a0.tolist()) == list(range(100))
+    assert not np.array_equal(a0, a1)
+    assert np.array_equal(a0, epoch_order(100, 3, 0))
+    assert not np.array_equal(a0, epoch_order(100, 4, 0))
+
+
+def test_stage_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def stage(x, d):\n    return (x\n")
+    with pytest.raises(StageError, match=r"bad\.py:\d+: syntax error") as exc:
+        load_stage(bad)
+    assert "\n" not in str(exc.value)
+    empty = tmp_path / "empty.py"
+    empty.write_text("X = 1\n")
+    with pytest.raises(StageError, match="defines no stage"):
+        load_stage(empty)
+    assert callable(load_stage(RESNET))
+
+
+@pytest.mark.parametrize("case", ["syntax", "no_stage", "no_data", "gpu"])
+def test_serve_setup_errors_exit_2_with_one_line(tmp_path, case, dataset):
+    pipeline, data, extra = RESNET, dataset, []
+    if case == "syntax":
+        pipeline = tmp_path / "p.py"
+        pipeline.write_text("def stage(:\n")
+    elif case == "no_stage":
+        pipeline = tmp_path / "p.py"
+        pipeline.write_text("")
+    elif case == "no_data":
+        data = tmp_path / "missing"
+    else:
+        extra = ["--device", "gpu"]
+    proc = subprocess.run([sys.executable, "-m", "dalishare", "serve", str(pipeline), "--data", str(data),
+                           "--name", "t", *extra], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "dalishare: error:" in line]
+    assert len(lines) == 1, proc.stderr
+
+
+def test_messages_round_trip_and_malformed_ones_raise_protocol_error():
+    msg = protocol.Batch(seq=3, slot=1, epoch=0, start=8, count=8, epoch_size=30, labels=b"\0" * 64,
+                         indices=b"\1" * 64, sent_ns=5)
+    assert protocol.decode(protocol.encode(msg)) == msg
+    for data in (b"\xff\x00garbage", protocol.encode(protocol.Stop("x"))[:-2],
+                 b"\x81\xa1t\xa6pickle", __import__("msgpack").packb({"t": "release", "job_id": "1", "seq": 2}),
+                 __import__("msgpack").packb({"t": "hello", "pid": 1}), b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1)):
+        with pytest.raises(ProtocolError):
+            protocol.decode(data)
+
+
+def test_second_producer_of_a_name_is_refused_and_cleanup_removes_dead_owners_files():
+    lock = runtime.ServeLock("twin")
+    try:
+        with pytest.raises(AlreadyServing, match=f"pid {os.getpid()}"):
+            runtime.ServeLock("twin")
+    finally:
+        lock.release()
+    # leftovers of a producer that was killed: a segment named after a dead pid, a socket, a free lock
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    seg = runtime.SHM_DIR / runtime.shm_name("ghost", int(dead))
+    seg.write_bytes(b"x")
+    runtime.socket_path("ghost").write_text("")
+    runtime.lock_path("ghost").write_text(dead)
+    removed = runtime.clean_stale()
+    assert str(seg) in removed and not seg.exists()
+    assert not runtime.socket_path("ghost").exists() and not runtime.lock_path("ghost").exists()
+
+
+def test_runtime_dir_is_private(no_leaks: Path):
+    assert runtime.runtime_dir() == no_leaks
+    assert (no_leaks.stat().st_mode & 0o777) == 0o700

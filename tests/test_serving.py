@@ -1,0 +1,178 @@
+"""End to end on the CPU path: real producer and job processes, real DALI, real shared memory."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CLASS_SIZES, RESNET, Job, Server, expected_labels
+from dalishare import DaliShareIterator, ProducerNotFound, runtime
+
+N = sum(CLASS_SIZES.values())  # 30 samples; producer batches of 8: 8, 8, 8, 6
+
+
+def epoch_indices(batches: list[dict]) -> list[int]:
+    return [i for b in batches for i in b["indices"]]
+
+
+def test_three_jobs_get_every_sample_exactly_once(dataset, tmp_path):
+    sizes = {"divides": 4, "does_not_divide": 5, "exceeds": 11}
+    with Server(dataset, "--batch-size", "8", "--min-consumers", "3", "--epochs", "2", "--slots", "3") as server:
+        # a third pass after the producer's last epoch must end at once, with the reason
+        jobs = {k: Job(tmp_path / f"{k}.json", batch_size=b, passes=3) for k, b in sizes.items()}
+        results = {k: job.result() for k, job in jobs.items()}
+        assert server.wait() == 0
+    labels = expected_labels(dataset)
+    orders = {}
+    for key, res in results.items():
+        b = sizes[key]
+        assert res["len"] == math.ceil(N / b)
+        assert [p["epoch"] for p in res["passes"]] == [0, 1, 1]
+        assert res["passes"].pop()["batches"] == []
+        assert "finished 2 epochs" in res["stop_reason"]
+        for p in res["passes"]:
+            got = epoch_indices(p["batches"])
+            assert sorted(got) == list(range(N)), f"{key}: not exactly once in epoch {p['epoch']}"
+            # every batch full except the epoch's last partial one
+            assert [len(x["indices"]) for x in p["batches"]] == [b] * (N // b) + ([N % b] if N % b else [])
+            for x in p["batches"]:
+                assert x["labels"] == [labels[i] for i in x["indices"]]
+                assert x["shape"][1:] == [224, 224, 3] and x["dtype"] == "torch.uint8"
+                assert {x["epoch"]} == {p["epoch"]}
+        orders[key] = [epoch_indices(p["batches"]) for p in res["passes"]]
+    first, *others = orders.values()
+    assert all(o == first for o in others), "jobs saw different orders"
+    assert first[0] != first[1], "the order did not change between epochs"
+
+
+def collect_orders(dataset, tmp_path, seed: int) -> list[list[int]]:
+    with Server(dataset, "--batch-size", "8", "--epochs", "2", "--seed", str(seed)):
+        res = Job(tmp_path / f"seed{seed}.json", batch_size=8, passes=2).result()
+    return [epoch_indices(p["batches"]) for p in res["passes"]]
+
+
+def test_order_is_reproducible_from_the_seed(dataset, tmp_path):
+    a, b, c = (collect_orders(dataset, tmp_path, s) for s in (7, 7, 8))
+    assert a == b
+    assert a != c
+    assert a[0] != a[1]
+
+
+def reference_images(dataset) -> dict[int, np.ndarray]:
+    """The resnet stage run directly in DALI over the files in index order, without dalishare."""
+    from nvidia.dali import fn, pipeline_def
+
+    from dalishare.stage import load_stage
+
+    stage = load_stage(RESNET)
+    files = [str(p) for cls in sorted(CLASS_SIZES) for p in sorted((dataset / cls).glob("*.jpg"))]
+
+    @pipeline_def(batch_size=N, num_threads=2, device_id=None)
+    def direct():
+        jpegs, _ = fn.readers.file(files=files, shuffle_after_epoch=False, random_shuffle=False)
+        return stage(jpegs, "cpu")
+
+    pipe = direct()
+    pipe.build()
+    (out,) = pipe.run()
+    return dict(enumerate(np.asarray(out.as_tensor())))
+
+
+def test_pixels_equal_the_stage_run_directly_and_views_are_zero_copy(dataset):
+    expected = reference_images(dataset)
+    with Server(dataset, "--batch-size", "8", "--epochs", "1"):
+        with DaliShareIterator("t", batch_size=5, attach_timeout=30) as loader:
+            ring = [(t.data_ptr(), t.data_ptr() + t.numel()) for t in loader._slot_tensors]
+            segment = runtime.SHM_DIR / loader._ring.layout.segment
+            assert segment.stat().st_mode & 0o777 == 0o600
+            views = copies = 0
+            seen = set()
+            for batch in loader:
+                for img, idx in zip(batch["images"], batch["indices"].tolist()):
+                    np.testing.assert_array_equal(img.numpy(), expected[idx])
+                    seen.add(idx)
+                ptr = batch["images"].data_ptr()
+                in_ring = any(lo <= ptr < hi for lo, hi in ring)
+                views += in_ring
+                copies += not in_ring
+    assert seen == set(range(N))
+    # batches of 5 over producer batches of 8: [0,5) view, [5,10) spans, [10,15) view, [15,20) spans, ...
+    assert views >= 3 and copies >= 2
+
+
+def test_batches_larger_than_the_whole_ring_do_not_hang(dataset, tmp_path):
+    with Server(dataset, "--batch-size", "4", "--slots", "2", "--epochs", "1"):
+        res = Job(tmp_path / "big.json", batch_size=20).result()
+    got = res["passes"][0]["batches"]
+    assert [len(b["indices"]) for b in got] == [20, 10]
+    assert sorted(epoch_indices(got)) == list(range(N))
+
+
+def test_a_slow_job_sets_the_pace_and_its_slots_are_never_overwritten(dataset, tmp_path):
+    with Server(dataset, "--batch-size", "4", "--slots", "2", "--epochs", "2", "--min-consumers", "2"):
+        slow = Job(tmp_path / "slow.json", batch_size=4, passes=2, sleep=0.1, verify_stable=True)
+        fast = Job(tmp_path / "fast.json", batch_size=3, passes=2)
+        slow_res, fast_res = slow.result(), fast.result()
+    digests = {}
+    for res in (slow_res, fast_res):
+        for p in res["passes"]:
+            assert sorted(epoch_indices(p["batches"])) == list(range(N))
+            for b in p["batches"]:
+                for idx, d in zip(b["indices"], b["digest"]):
+                    assert digests.setdefault(idx, d) == d, f"sample {idx} differs between jobs"
+
+
+def test_a_job_attaching_mid_epoch_gets_the_resident_rest_then_whole_epochs(dataset, tmp_path):
+    # Producer batches of 4 (8 per epoch, the last of 2), 4 slots. The test process is job A: it
+    # takes two batches and pauses, so the producer stops with seqs 1-4 resident (seq 0 reused).
+    with Server(dataset, "--batch-size", "4", "--slots", "4", "--epochs", "2"):
+        with DaliShareIterator("t", batch_size=4, attach_timeout=30) as a:
+            a_orders, it = [], iter(a)
+            first = [next(it)["indices"].tolist() for _ in range(2)]
+            time.sleep(1.5)  # producer fills the ring, then waits on A
+            late = Job(tmp_path / "late.json", batch_size=3, passes=2)
+            time.sleep(1.5)  # B attaches while A still holds the ring
+            a_orders.append(sum(first, []) + [i for b in it for i in b["indices"].tolist()])
+            a_orders.append([i for b in a for i in b["indices"].tolist()])
+        res = late.result()
+    b_first, b_second = (epoch_indices(p["batches"]) for p in res["passes"])
+    assert [p["epoch"] for p in res["passes"]] == [0, 1]
+    assert b_first == a_orders[0][4:], "late job should get the resident batches from seq 1 on"
+    assert b_second == a_orders[1]
+    assert sorted(a_orders[0]) == sorted(a_orders[1]) == list(range(N))
+
+
+def test_sigterm_and_sigint_stop_the_producer_cleanly(dataset, tmp_path):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with Server(dataset, "--batch-size", "8") as server:
+            with DaliShareIterator("t", attach_timeout=30) as loader:
+                next(iter(loader))
+                server.proc.send_signal(sig)
+                assert server.wait(30) == 0
+                rest = list(loader)  # the pass ends with a reason instead of hanging
+            assert rest == [] or all(len(b["indices"]) for b in rest)
+            assert loader.stop_reason == f"stopped by {sig.name}"
+
+
+def test_attaching_to_a_name_nobody_serves_fails_after_the_timeout():
+    start = time.monotonic()
+    with pytest.raises(ProducerNotFound, match="no producer named 'nobody'"):
+        DaliShareIterator("nobody", attach_timeout=1)
+    assert time.monotonic() - start < 5
+
+
+def test_augment_runs_on_each_batch(dataset):
+    def to_float(batch):
+        return {**batch, "images": batch["images"].permute(0, 3, 1, 2).float() / 255}
+
+    with Server(dataset, "--batch-size", "8", "--epochs", "1"):
+        with DaliShareIterator("t", batch_size=16, augment=to_float, attach_timeout=30) as loader:
+            shapes = [tuple(b["images"].shape) for b in loader]
+            assert all(b["images"].dtype == torch.float32 for b in [to_float(
+                {"images": torch.zeros(1, 2, 2, 3, dtype=torch.uint8)})])
+    assert shapes == [(16, 3, 224, 224), (14, 3, 224, 224)]
