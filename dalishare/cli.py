@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="one producer, three training jobs, and the same jobs loading alone")
     demo.add_argument("--images-per-class", type=int, default=96)
-    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--epochs", type=int, default=3)
     demo.set_defaults(func=_demo)
     return parser
 

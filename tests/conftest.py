@@ -11,29 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from dalishare.demo import make_image_folder as make_dataset
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 RESNET = ROOT / "pipelines" / "resnet.py"
 CLASS_SIZES = {"ants": 10, "bees": 7, "wasps": 13}  # 30 samples
-
-
-def make_dataset(root: Path, class_sizes: dict[str, int], seed: int = 0) -> Path:
-    """Write random-content JPEGs of varying sizes into class folders."""
-    rng = np.random.default_rng(seed)
-    for cls, n in class_sizes.items():
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            h, w = int(rng.integers(180, 400)), int(rng.integers(180, 400))
-            # smooth gradients plus noise: compressible like a photo, distinct per image
-            y, x = np.mgrid[0:h, 0:w]
-            base = np.stack([(x * (i + 1)) % 256, (y * 3) % 256, ((x + y) * (len(cls))) % 256], -1)
-            img = np.clip(base + rng.integers(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / cls / f"{cls}_{i:03d}.jpg", quality=90)
-    return root
 
 
 def expected_labels(root: Path) -> list[int]:

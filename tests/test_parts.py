@@ -25,7 +25,7 @@ def test_scan_gives_sorted_classes_stable_indices_and_warns_once_about_non_image
     with caplog.at_level(logging.WARNING):
         ds = scan(tmp_path)
     assert ds.classes == ["a", "b"]
-    assert [p.name for p in ds.files] == ["a_000.jpg", "a_001.jpg", "a_002.jpg", "b_000.jpg", "b_001.jpg"]
+    assert [p.name for p in ds.files] == ["a_0000.jpg", "a_0001.jpg", "a_0002.jpg", "b_0000.jpg", "b_0001.jpg"]
     assert ds.labels.tolist() == [0, 0, 0, 1, 1]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "a/notes.txt" in warnings[0] and "b/labels.csv" in warnings[0]

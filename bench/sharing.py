@@ -1,0 +1,189 @@
+"""CPU benchmark: hand-off latency, and four jobs sharing one producer vs each running its own DALI.
+
+    python bench/sharing.py [--data DIR] [--jobs 4] [--step-ms 40] [--batches 40] [--out FILE]
+
+Every job takes batches of 64x224x224x3 uint8 (the ResNet stage) and emulates a GPU training step
+by sleeping ``--step-ms`` per batch (no CPU), so the loader is what limits it. Phases, each with a
+fresh producer: (1) hand-off latency, one job with no step, so it waits for each announcement; (2) the cost of
+``next()`` in a job slower than the producer, so announcements are already queued; (3) one job alone
+on a shared producer; (4) N jobs on one shared producer; (5) the same N jobs each running its own
+DALI CPU pipeline. A bare ZeroMQ message's latency is printed for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = ROOT / "pipelines" / "resnet.py"
+HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera" / "train"
+BATCH = 64
+
+
+def shared_job(name: str, warmup: int, batches: int, step_s: float, q) -> None:
+    """A job on the shared producer; records img/s, sent->tensor latency and next() time per batch."""
+    from dalishare import DaliShareIterator
+
+    with DaliShareIterator(name, batch_size=BATCH, attach_timeout=120) as loader:
+        done, t0, next_ns, it = 0, None, [], iter(loader)
+        while done < warmup + batches:
+            start = time.perf_counter_ns()
+            batch = next(it, None)
+            if batch is None:  # end of an epoch: the next pass is the next epoch
+                it = iter(loader)
+                continue
+            next_ns.append(time.perf_counter_ns() - start)
+            assert batch["images"].shape[1:] == (224, 224, 3)
+            time.sleep(step_s)
+            done += 1
+            if done == warmup:
+                loader.handoff_ns.clear()
+                next_ns.clear()
+                t0 = time.monotonic()
+        q.put({"img_s": batches * BATCH / (time.monotonic() - t0), "handoff_ns": list(loader.handoff_ns),
+               "next_ns": next_ns})
+
+
+def zmq_floor(samples: int = 200) -> list[int]:
+    """One-way latency of a bare ZeroMQ ROUTER->DEALER message over ipc:// on this machine, same pattern."""
+    import zmq
+
+    endpoint = f"ipc://{tempfile.gettempdir()}/dalishare-bench-{os.getpid()}.sock"
+    pid = os.fork()
+    if pid == 0:
+        with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as sock:
+            sock.bind(endpoint)
+            identity, _ = sock.recv_multipart()
+            for _ in range(samples):
+                time.sleep(0.02)
+                sock.send_multipart([identity, str(time.monotonic_ns()).encode()])
+            time.sleep(0.2)
+        os._exit(0)
+    lat = []
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.connect(endpoint)
+        sock.send(b"hello")
+        for _ in range(samples):
+            if not sock.poll(5000):
+                break
+            lat.append(time.monotonic_ns() - int(sock.recv()))
+    os.waitpid(pid, 0)
+    return lat
+
+
+def pct(values: list[int], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] / 1e3
+
+
+def own_pipeline_job(data: str, warmup: int, batches: int, step_s: float, q) -> None:
+    from dalishare.dataset import scan
+    from dalishare.stage import load_stage, standalone_batches
+
+    ds, stage = scan(data), load_stage(STAGE)
+    done, t0 = 0, None
+    while done < warmup + batches:
+        for images in standalone_batches(stage, ds.files, BATCH):
+            if len(images) < BATCH:
+                continue
+            time.sleep(step_s)
+            done += 1
+            if done == warmup:
+                t0 = time.monotonic()
+            if done == warmup + batches:
+                break
+    q.put({"img_s": batches * BATCH / (time.monotonic() - t0), "handoff_ns": []})
+
+
+def run_jobs(target, args: tuple, n: int, timeout: float = 600) -> list[dict]:
+    """Run ``n`` processes of ``target`` and collect one result each; a crashed job fails the run at once."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, q)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    results, deadline = [], time.monotonic() + timeout
+    try:
+        while len(results) < n:
+            try:
+                results.append(q.get(timeout=1))
+            except queue.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise RuntimeError(f"{target.__name__} jobs failed (exit codes {failed}) or timed out")
+        return results
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+def with_producer(data: str, consumers: int, target, args: tuple) -> list[dict]:
+    name = f"bench-{os.getpid()}"
+    producer = subprocess.Popen([sys.executable, "-m", "dalishare", "serve", str(STAGE), "--data", data, "--name", name,
+                                 "--batch-size", str(BATCH), "--min-consumers", str(consumers)], stderr=subprocess.DEVNULL)
+    try:
+        return run_jobs(target, (name, *args), consumers)
+    finally:
+        producer.terminate()
+        producer.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default=str(HYMENOPTERA) if HYMENOPTERA.is_dir() else None,
+                        help="image folder (default: ../shared/data/hymenoptera/train, else generated)")
+    parser.add_argument("--jobs", type=int, default=4)
+    parser.add_argument("--step-ms", type=float, default=40.0, help="emulated GPU step per batch")
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per job (after 5 warm-up)")
+    parser.add_argument("--out", help="also write the figures to this file")
+    args = parser.parse_args()
+    tmp = None
+    if args.data is None:
+        from dalishare.demo import PATTERNS, make_image_folder
+
+        tmp = tempfile.TemporaryDirectory(prefix="dalishare-bench-")
+        args.data = str(make_image_folder(Path(tmp.name), {p: 128 for p in PATTERNS}))
+    warmup, step = 5, args.step_ms / 1000
+
+    floor = zmq_floor()
+    handoff = with_producer(args.data, 1, shared_job, (warmup, args.batches, 0.0))[0]["handoff_ns"]
+    slow_job = with_producer(args.data, 1, shared_job, (warmup, 15, 0.25))[0]  # slower than the producer
+    lone = with_producer(args.data, 1, shared_job, (warmup, args.batches, step))[0]["img_s"]
+    shared = [r["img_s"] for r in with_producer(args.data, args.jobs, shared_job, (warmup, args.batches, step))]
+    own = [r["img_s"] for r in run_jobs(own_pipeline_job, (args.data, warmup, args.batches, step), args.jobs)]
+
+    lines = [
+        f"dalishare CPU sharing benchmark: {os.cpu_count()} cores, batches of {BATCH}x224x224x3 uint8, "
+        f"data {args.data}, emulated step {args.step_ms:.0f} ms, {args.batches} timed batches per job",
+        f"hand-off, job waiting (announcement sent -> tensor in job): median {pct(handoff, 0.5):.1f} us, "
+        f"p90 {pct(handoff, 0.9):.1f} us ({len(handoff)} batches)",
+        f"hand-off, batch already announced (job with a 250 ms step; next() -> tensor, release included): "
+        f"median {pct(slow_job['next_ns'], 0.5):.1f} us, p90 {pct(slow_job['next_ns'], 0.9):.1f} us",
+        f"bare ZeroMQ ipc one-way latency on this machine, for scale: median {pct(floor, 0.5):.1f} us, "
+        f"p90 {pct(floor, 0.9):.1f} us",
+        f"{'setup':<34}{'per-job img/s':>40}{'total img/s':>14}",
+        f"{'1 job, shared producer':<34}{lone:>40.0f}{lone:>14.0f}",
+        f"{f'{args.jobs} jobs, one shared producer':<34}{' '.join(f'{r:.0f}' for r in shared):>40}{sum(shared):>14.0f}",
+        f"{f'{args.jobs} jobs, own DALI pipeline each':<34}{' '.join(f'{r:.0f}' for r in own):>40}{sum(own):>14.0f}",
+        f"shared: slowest job gets {min(shared) / lone:.0%} of a lone job; "
+        f"{args.jobs} jobs together {sum(shared) / sum(own):.2f}x the img/s of {args.jobs} own pipelines",
+    ]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

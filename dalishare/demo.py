@@ -1,0 +1,223 @@
+"""``dalishare demo``: one producer, three training jobs, and the same jobs each loading on its own.
+
+Everything is made on the spot: a small labelled image dataset (three classes of synthetic
+patterns), a producer of the ResNet stage, and three jobs training a tiny CNN on the CPU with
+different batch sizes and augmentations. It ends with a table of images/s and loss per job.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+STAGE = Path(__file__).resolve().parents[1] / "pipelines" / "resnet.py"
+PATTERNS = ("stripes", "bars", "checks")
+
+
+def make_image_folder(root: Path, class_sizes: dict[str, int], seed: int = 0) -> Path:
+    """Write JPEGs of varying sizes into class folders; each class has its own visual pattern."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, (cls, n) in enumerate(class_sizes.items()):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = int(rng.integers(200, 400)), int(rng.integers(200, 400))
+            y, x = np.mgrid[0:h, 0:w]
+            period = int(rng.integers(12, 40))
+            pattern = [(y // period) % 2, (x // period) % 2, ((x // period) + (y // period)) % 2][label % 3]
+            colour = rng.integers(60, 256, 3)
+            img = pattern[..., None] * colour + rng.integers(0, 50, (h, w, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / cls / f"{cls}_{i:04d}.jpg", quality=90)
+    return root
+
+
+# -- the jobs' side: augmentations and training ----------------------------------------------------
+
+def _to_small_float(images):
+    """uint8 NHWC -> float NCHW in [0, 1] at 64x64, the tiny model's input (a new tensor: the ring is untouched)."""
+    import torch.nn.functional as F
+
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    return F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+
+
+def augment_flip(batch, gen):
+    import torch
+
+    x = _to_small_float(batch["images"])
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    x[flip] = x[flip].flip(-1)
+    return {**batch, "images": x}
+
+
+def augment_crop(batch, gen):
+    import torch
+
+    images = batch["images"]
+    top, left = (int(v) for v in torch.randint(0, 33, (2,), generator=gen))
+    return augment_flip({**batch, "images": images[:, top : top + 192, left : left + 192]}, gen)
+
+
+def augment_brightness(batch, gen):
+    import torch
+
+    x = _to_small_float(batch["images"])
+    scale = 0.7 + 0.6 * torch.rand(len(x), 1, 1, 1, generator=gen)
+    return {**batch, "images": (x * scale).clamp_(0, 1)}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    label: str
+    batch_size: int
+    augment: str  # a name in AUGMENTS
+
+
+AUGMENTS = {"flip": augment_flip, "crop+flip": augment_crop, "brightness": augment_brightness}
+JOBS = (JobSpec("A", 32, "flip"), JobSpec("B", 48, "crop+flip"), JobSpec("C", 100, "brightness"))
+
+
+def _tiny_cnn(num_classes: int):
+    import torch.nn as nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+
+def _train(spec: JobSpec, batches, epochs: int, num_classes: int, report) -> None:
+    """Train the tiny CNN on ``batches(epoch)`` for each epoch; report (samples, loss) as it goes."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # three jobs and a producer share two cores
+    gen = torch.Generator().manual_seed(ord(spec.label))
+    model = _tiny_cnn(num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for epoch in range(epochs):
+        for batch in batches(epoch):
+            batch = AUGMENTS[spec.augment](batch, gen)
+            loss = torch.nn.functional.cross_entropy(model(batch["images"]), batch["labels"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            report(len(batch["labels"]), loss.item())
+
+
+def shared_job(spec: JobSpec, name: str, epochs: int, num_classes: int, q) -> None:
+    from dalishare import DaliShareIterator
+
+    with DaliShareIterator(name, batch_size=spec.batch_size, attach_timeout=120) as loader:
+        _train(spec, lambda _epoch: loader, epochs, num_classes, lambda n, loss: q.put((spec.label, n, loss)))
+    q.put((spec.label, None, None))
+
+
+def alone_job(spec: JobSpec, data: str, epochs: int, num_classes: int, q) -> None:
+    """The same job with its own DALI pipeline: what each job does without dalishare."""
+    import torch
+
+    from dalishare.dataset import epoch_order, scan
+    from dalishare.stage import load_stage, standalone_batches
+
+    ds, stage = scan(data), load_stage(STAGE)
+
+    def batches(epoch):
+        order = epoch_order(len(ds), 0, epoch)
+        files = [ds.files[i] for i in order]
+        for start, images in zip(range(0, len(files), spec.batch_size),
+                                  standalone_batches(stage, files, spec.batch_size)):
+            labels = torch.from_numpy(ds.labels[order[start : start + len(images)]])
+            yield {"images": torch.from_numpy(images), "labels": labels}
+
+    _train(spec, batches, epochs, num_classes, lambda n, loss: q.put((spec.label, n, loss)))
+    q.put((spec.label, None, None))
+
+
+# -- the parent: start everything, show progress, print the table ---------------------------------
+
+def _run_jobs(title: str, targets: list[tuple], total: int, timeout: float = 600) -> dict[str, dict]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=fn, args=(*args, q), daemon=True) for fn, args in targets]
+    stats = {args[0].label: {"samples": 0, "losses": [], "start": None, "end": None} for _, args in targets}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn()) as progress:
+        tasks = {label: progress.add_task(f"{title} job {label}", total=total, loss="-") for label in stats}
+        for p in procs:
+            p.start()
+        deadline, running = time.monotonic() + timeout, len(procs)
+        try:
+            while running:
+                try:
+                    label, n, loss = q.get(timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise TimeoutError(f"{title} jobs made no progress for {timeout:.0f} s") from None
+                s = stats[label]
+                if n is None:
+                    s["end"], running = time.monotonic(), running - 1
+                    continue
+                s["start"] = s["start"] or time.monotonic()
+                s["samples"] += n
+                s["losses"].append(loss)
+                progress.update(tasks[label], advance=n, loss=f"{loss:.3f}")
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join(timeout=5)
+    return stats
+
+
+def _rate(s: dict) -> float:
+    return s["samples"] / max(1e-9, (s["end"] or time.monotonic()) - s["start"]) if s["start"] else 0.0
+
+
+def run_demo(images_per_class: int = 96, epochs: int = 3) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not STAGE.is_file():
+        raise FileNotFoundError(f"the demo runs the stage {STAGE}: run it from a dalishare checkout")
+    with tempfile.TemporaryDirectory(prefix="dalishare-demo-") as tmp:
+        data = make_image_folder(Path(tmp) / "data", {p: images_per_class for p in PATTERNS})
+        n = images_per_class * len(PATTERNS)
+        console.print(f"made {n} images in {len(PATTERNS)} classes under {data}")
+        name = f"demo-{os.getpid()}"
+        producer = subprocess.Popen([sys.executable, "-m", "dalishare", "serve", str(STAGE), "--data", str(data),
+                                     "--name", name, "--batch-size", "64", "--epochs", str(epochs),
+                                     "--min-consumers", str(len(JOBS))], stderr=subprocess.DEVNULL)
+        try:
+            shared = _run_jobs("shared", [(shared_job, (s, name, epochs, len(PATTERNS))) for s in JOBS], n * epochs)
+        finally:
+            if producer.poll() is None:
+                producer.terminate()
+            producer.wait(timeout=30)
+        alone = _run_jobs("alone ", [(alone_job, (s, str(data), epochs, len(PATTERNS))) for s in JOBS], n * epochs)
+
+    table = Table(title=f"dalishare demo: {n} images x {epochs} epochs, tiny CNN on the CPU")
+    for col in ("job", "batch", "augment", "shared img/s", "shared loss", "alone img/s", "alone loss"):
+        table.add_column(col, justify="right")
+    for s in JOBS:
+        sh, al = shared[s.label], alone[s.label]
+        table.add_row(s.label, str(s.batch_size), s.augment, f"{_rate(sh):.0f}", f"{np.mean(sh['losses'][-3:]):.3f}",
+                      f"{_rate(al):.0f}", f"{np.mean(al['losses'][-3:]):.3f}")
+    table.add_row("all", "", "", f"{sum(_rate(shared[s.label]) for s in JOBS):.0f}", "",
+                  f"{sum(_rate(alone[s.label]) for s in JOBS):.0f}", "")
+    console.print(table)
+    console.print("shared: one DALI pipeline decodes each image once for all three jobs; "
+                  "alone: each job decodes every image itself. loss: mean of the last 3 steps.")
