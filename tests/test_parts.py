@@ -114,3 +114,9 @@ def test_second_producer_of_a_name_is_refused_and_cleanup_removes_dead_owners_fi
 def test_runtime_dir_is_private(no_leaks: Path):
     assert runtime.runtime_dir() == no_leaks
     assert (no_leaks.stat().st_mode & 0o777) == 0o700
+
+
+def test_ci_runs_the_readme_test_command():
+    root = Path(__file__).parents[1]
+    command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert command in (root / "README.md").read_text()
