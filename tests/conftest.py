@@ -104,6 +104,13 @@ class Job:
         self.proc = subprocess.Popen([sys.executable, str(HERE / "job_script.py"), json.dumps({**spec, "out": str(out)})],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
+    def wait_attached(self, timeout: float = 60) -> None:
+        marker, deadline = Path(f"{self.out}.attached"), time.monotonic() + timeout
+        while not marker.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"job did not attach within {timeout} s: {self.result()}")
+            time.sleep(0.05)
+
     def result(self, timeout: float = 120) -> dict:
         try:
             output, _ = self.proc.communicate(timeout=timeout)

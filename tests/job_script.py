@@ -10,6 +10,7 @@ from dalishare import DaliShareIterator
 spec = json.loads(sys.argv[1])
 passes = []
 with DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), attach_timeout=60) as loader:
+    open(spec["out"] + ".attached", "w").close()  # lets a test wait for the attach itself
     for _ in range(spec.get("passes", 1)):
         batches = []
         for batch in loader:

@@ -136,7 +136,7 @@ def test_a_job_attaching_mid_epoch_gets_the_resident_rest_then_whole_epochs(data
             first = [next(it)["indices"].tolist() for _ in range(2)]
             time.sleep(1.5)  # producer fills the ring, then waits on A
             late = Job(tmp_path / "late.json", batch_size=3, passes=2)
-            time.sleep(1.5)  # B attaches while A still holds the ring
+            late.wait_attached()  # B attaches while A still holds the ring
             a_orders.append(sum(first, []) + [i for b in it for i in b["indices"].tolist()])
             a_orders.append([i for b in a for i in b["indices"].tolist()])
         res = late.result()
@@ -176,3 +176,47 @@ def test_augment_runs_on_each_batch(dataset):
             assert all(b["images"].dtype == torch.float32 for b in [to_float(
                 {"images": torch.zeros(1, 2, 2, 3, dtype=torch.uint8)})])
     assert shapes == [(16, 3, 224, 224), (14, 3, 224, 224)]
+
+
+def test_producers_of_different_names_serve_side_by_side(dataset, tmp_path):
+    from conftest import make_dataset
+
+    other = make_dataset(tmp_path / "other", {"x": 3, "y": 2}, seed=5)
+    with Server(dataset, "--batch-size", "8", "--epochs", "1", name="one"), \
+            Server(other, "--batch-size", "2", "--epochs", "1", name="two"):
+        one = Job(tmp_path / "one.json", name="one", batch_size=8)
+        two = Job(tmp_path / "two.json", name="two", batch_size=8)
+        one_res, two_res = one.result(), two.result()
+    assert sorted(epoch_indices(one_res["passes"][0]["batches"])) == list(range(N))
+    assert sorted(epoch_indices(two_res["passes"][0]["batches"])) == list(range(5))
+
+
+def test_a_killed_producer_becomes_producer_lost_and_cleanup_removes_its_leftovers(dataset):
+    from dalishare import ProducerLost
+
+    with Server(dataset, "--batch-size", "4", "--slots", "2") as server:
+        with DaliShareIterator("t", batch_size=4, attach_timeout=30) as loader:
+            it = iter(loader)
+            next(it)
+            server.proc.send_signal(signal.SIGKILL)
+            server.wait(10)
+            start = time.monotonic()
+            with pytest.raises(ProducerLost, match=rf"producer 't' \(pid {server.proc.pid}\) died"):
+                for _ in it:  # the two resident batches, then the wait that notices the death
+                    pass
+            assert time.monotonic() - start < 3
+    removed = runtime.clean_stale()
+    assert any(f".{server.proc.pid}" in r for r in removed) and any(r.endswith("t.sock") for r in removed)
+
+
+def test_a_killed_job_releases_its_slots_and_the_others_go_on(dataset, tmp_path):
+    with Server(dataset, "--batch-size", "4", "--slots", "2", "--epochs", "2", "--min-consumers", "2"):
+        victim = Job(tmp_path / "victim.json", batch_size=4, passes=2, sleep=60)  # holds its first slot
+        survivor = Job(tmp_path / "survivor.json", batch_size=4, passes=2)
+        victim.wait_attached()
+        time.sleep(1)
+        victim.proc.kill()
+        victim.proc.communicate(timeout=10)
+        res = survivor.result(timeout=60)
+    for p in res["passes"]:
+        assert sorted(epoch_indices(p["batches"])) == list(range(N))
