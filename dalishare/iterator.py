@@ -65,12 +65,13 @@ class _Heartbeat(threading.Thread):
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self._endpoint)
+        beat = protocol.encode(Heartbeat(self._job_id))
         try:
-            beat = protocol.encode(Heartbeat(self._job_id))
             while not self._stopped.wait(self._interval):
-                sock.send(beat, zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the producer went away; the training thread reports that
+                try:
+                    sock.send(beat, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # producer busy or gone: the training thread notices a gone producer
         finally:
             sock.close()
 
@@ -119,11 +120,12 @@ class DaliShareIterator:
         self._epoch_over = True
         self._ring = self._heartbeat = None
         self._endpoint = runtime.endpoint(name)
+        self._failure: str | None = None  # the producer's own error, when it stopped by failing
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self._endpoint)
         try:
+            self._sock.connect(self._endpoint)
             welcome = self._attach(attach_timeout)
             self.job_id, self.producer_pid = welcome.job_id, welcome.producer_pid
             self.classes, self.samples_per_epoch = welcome.classes, welcome.epoch_size
@@ -290,7 +292,7 @@ class DaliShareIterator:
     def _wait_for_batch(self) -> None:
         """Receive until a batch is pending or the producer stopped; a dead producer raises `ProducerLost`."""
         deadline = time.monotonic() + self.batch_timeout
-        while not self._pending and self.stop_reason is None:
+        while not self._pending and self.stop_reason is None and not self._failure:
             if self._sock.poll(POLL_S * 1000):
                 self._receive_all()
             elif not runtime.pid_alive(self.producer_pid):
@@ -301,6 +303,9 @@ class DaliShareIterator:
                 raise ProducerLost(
                     f"producer {self.name!r} (pid {self.producer_pid}) is alive but sent no batch for "
                     f"{self.batch_timeout:.0f} s; check its log (is another job holding it back?)")
+        if self._failure:
+            raise ProducerLost(f"producer {self.name!r} (pid {self.producer_pid}) failed: {self._failure}; "
+                               f"fix the cause in its log, restart it and this job")
 
     def _receive_all(self) -> None:
         while True:
@@ -318,4 +323,7 @@ class DaliShareIterator:
             elif isinstance(msg, Stop):
                 self.stop_reason = msg.reason
                 self._pending.clear()
-                log.warning("producer %r stopped: %s", self.name, msg.reason)
+                if msg.failed:
+                    self._failure = msg.reason
+                else:
+                    log.warning("producer %r stopped: %s", self.name, msg.reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class _Job:
     pid: int
     identity: bytes
     last_seen: float
+    silent: bool = False      # warned about a missing heartbeat
+    next_probe: float = 0.0   # when to check a silent job's socket again
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Producer:
         self.options.check()
         self.pipeline_file, self.data = Path(pipeline_file), Path(data)
         self.stop_reason: str | None = None
+        self.failure: str | None = None  # set when serve() ends with an exception
         self.batches_served = 0
         self.bad_messages = 0
         self._jobs: dict[int, _Job] = {}
@@ -139,14 +143,18 @@ class Producer:
             sock.bind(runtime.endpoint(opts.name))
             self._dataset, self._ring, self._sock = dataset, ring, sock
             self._slots = [_Slot() for _ in range(opts.slots)]
-            self._seq, self._next_job_id, self._started, self._done = 0, 1, False, False
+            self._seq, self._started, self._done = 0, False, False
             log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots, at %s",
                      opts.name, len(dataset), len(dataset.classes), opts.batch_size, self._sample_shape,
                      self._dtype, opts.slots, runtime.endpoint(opts.name))
             self._loop()
+        except BaseException as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             if sock is not None:
-                self._broadcast(Stop(self.stop_reason or "producer stopped"))
+                self._broadcast(Stop(self.failure or self.stop_reason or "producer stopped",
+                                     failed=self.failure is not None))
                 sock.close(linger=500)
             if ctx is not None:
                 ctx.term()
@@ -205,8 +213,8 @@ class Producer:
             self._done = True
 
     def _announce(self, job: _Job, slot: _Slot) -> None:
-        slot.holders.add(job.id)
-        self._send(job, dataclasses.replace(slot.batch, sent_ns=time.monotonic_ns()))
+        if self._send(job, dataclasses.replace(slot.batch, sent_ns=time.monotonic_ns())):
+            slot.holders.add(job.id)
 
     # -- control messages -----------------------------------------------------------------------
 
@@ -240,7 +248,7 @@ class Producer:
         if job is None:
             self._drop(f"{type(msg).__name__} for unknown job")
             return
-        job.last_seen = time.monotonic()
+        job.last_seen, job.silent = time.monotonic(), False
         if isinstance(msg, Release):
             slot = self._slots[msg.seq % len(self._slots)]
             if slot.batch is not None and slot.batch.seq == msg.seq:
@@ -252,18 +260,19 @@ class Producer:
 
     def _attach(self, identity: bytes, hello: Hello) -> None:
         if hello.version != protocol.PROTOCOL_VERSION:
-            self._sock.send_multipart([identity, protocol.encode(Reject(
+            self._send_to(identity, Reject(
                 f"protocol version {hello.version} is not the producer's {protocol.PROTOCOL_VERSION}: "
-                f"install the same dalishare version in the job and the producer"))], zmq.NOBLOCK)
+                f"install the same dalishare version in the job and the producer"))
             self._drop(f"hello with protocol version {hello.version}")
             return
-        job = _Job(self._next_job_id, hello.pid, identity, time.monotonic())
-        self._next_job_id += 1
+        # random ids: messages a job sent to an earlier producer of this name match no job here
+        job = _Job(secrets.randbits(62), hello.pid, identity, time.monotonic())
         self._jobs[job.id] = job
-        self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(), ring=self._ring.layout.to_wire(),
+        if not self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(), ring=self._ring.layout.to_wire(),
                                 sample_shape=self._sample_shape, dtype=self._dtype.name,
                                 epoch_size=len(self._dataset), batch_size=self.options.batch_size,
-                                classes=self._dataset.classes))
+                                classes=self._dataset.classes)):
+            return
         for slot in self._resident_of_current_epoch():
             self._announce(job, slot)
         log.info("job %d (pid %d) attached; %d jobs", job.id, job.pid, len(self._jobs))
@@ -275,11 +284,19 @@ class Producer:
             return []
         return [s for s in filled if s.batch.epoch == filled[-1].batch.epoch]
 
-    def _send(self, job: _Job, msg) -> None:
+    def _send(self, job: _Job, msg) -> bool:
+        """Send to a job; a job that cannot be reached is detached (and False returned)."""
+        if not self._send_to(job.identity, msg):
+            self._detach(job, "unreachable (its socket is gone or full)")
+            return False
+        return True
+
+    def _send_to(self, identity: bytes, msg) -> bool:
         try:
-            self._sock.send_multipart([job.identity, protocol.encode(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: its socket is gone; EAGAIN: it stopped reading
-            self._detach(job, f"unreachable ({exc})")
+            self._sock.send_multipart([identity, protocol.encode(msg)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError:  # EHOSTUNREACH: the peer's socket is gone; EAGAIN: it stopped reading
+            return False
 
     def _broadcast(self, msg) -> None:
         for job in list(self._jobs.values()):
@@ -288,12 +305,23 @@ class Producer:
     # -- liveness -------------------------------------------------------------------------------
 
     def _reap(self) -> None:
+        """Detach jobs whose process or socket is gone.
+
+        A job silent for ``heartbeat_timeout`` is probed with a heartbeat of ours: if its socket is
+        closed the send fails and it is detached. A job whose process and socket live on (stopped,
+        frozen, in a debugger) keeps its slots: detaching it would let the producer overwrite views
+        it may still read.
+        """
         now = time.monotonic()
         for job in list(self._jobs.values()):
             if not runtime.pid_alive(job.pid):
                 self._detach(job, "died (its process is gone)")
-            elif now - job.last_seen > self.options.heartbeat_timeout:
-                self._detach(job, f"sent no heartbeat for {now - job.last_seen:.0f} s")
+            elif now - job.last_seen > self.options.heartbeat_timeout and now >= job.next_probe:
+                job.next_probe = now + self.options.heartbeat_timeout
+                if self._send(job, Heartbeat(job.id)) and not job.silent:
+                    job.silent = True
+                    log.warning("job %d (pid %d) is alive but sent no heartbeat for %.0f s; "
+                                "the jobs wait for it", job.id, job.pid, now - job.last_seen)
 
     def _detach(self, job: _Job, why: str) -> None:
         if self._jobs.pop(job.id, None) is None:

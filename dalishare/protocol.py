@@ -78,11 +78,12 @@ class Bye:
 @dataclass(frozen=True)
 class Stop:
     reason: str
+    failed: bool = False  # True: the producer crashed, jobs must not take a short epoch as complete
 
 
 MESSAGES = {cls.__name__.lower(): cls for cls in (Hello, Welcome, Reject, Batch, Release, Heartbeat, Bye, Stop)}
 _FIELDS = {cls: {f.name: f.type for f in dataclasses.fields(cls)} for cls in MESSAGES.values()}
-_TYPES = {"int": int, "str": str, "bytes": bytes, "dict": dict, "list": list}
+_TYPES = {"int": int, "str": str, "bytes": bytes, "dict": dict, "list": list, "bool": bool}
 
 
 def encode(msg) -> bytes:

@@ -77,42 +77,53 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _lock(path: Path, create: bool) -> int | None:
+    """flock ``path`` without blocking: its fd, or None if another process holds it (or, without
+    ``create``, it does not exist).
+
+    Whoever holds the lock may unlink the file, so after locking we check that the path still names
+    the file we locked, else try again: two processes can never both hold "the" lock of a name.
+    """
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # unlinked or replaced while we locked it
+
+
 class ServeLock:
     """The one-producer-per-name lock; the kernel drops it when its holder dies, however it dies."""
 
     def __init__(self, name: str):
         self.path = lock_path(name)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self._fd)
-            raise AlreadyServing(
-                f"a producer named {name!r} is already running (pid {holder}); "
-                f"stop it first or serve under another --name") from None
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+        fd = _lock(self.path, create=True)
+        if fd is None:
+            try:
+                holder = self.path.read_text().strip() or "?"
+            except OSError:
+                holder = "?"
+            raise AlreadyServing(f"a producer named {name!r} is already running (pid {holder}); "
+                                 f"stop it first or serve under another --name")
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
 
     def release(self) -> None:
         if self._fd >= 0:
-            self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)  # while still locked: see _lock
             os.close(self._fd)
             self._fd = -1
-
-
-def _lock_is_free(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def clean_stale(name: str | None = None) -> list[str]:
@@ -134,11 +145,17 @@ def clean_stale(name: str | None = None) -> list[str]:
     rdir = runtime_dir()
     names = [name] if name else sorted({p.stem for p in rdir.iterdir() if p.suffix in (".lock", ".sock")})
     for n in names:
-        if _lock_is_free(lock_path(n)):
+        fd = _lock(lock_path(n), create=False)
+        if fd is None and lock_path(n).exists():
+            continue  # a live producer holds it
+        try:  # nobody serves n: remove its socket and lock, the lock while we hold it
             for path in (socket_path(n), lock_path(n)):
                 if path.exists():
                     path.unlink(missing_ok=True)
                     removed.append(str(path))
+        finally:
+            if fd is not None:
+                os.close(fd)
     for item in removed:
         log.info("removed stale %s", item)
     return removed

@@ -70,9 +70,10 @@ class Server:
 
     def __init__(self, data: Path, *args: str, name: str = "t", pipeline: Path = RESNET):
         self.name = name
+        self._log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the producer
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dalishare", "serve", str(pipeline), "--data", str(data), "--name", name, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            stdout=self._log, stderr=subprocess.STDOUT, text=True)
 
     def wait(self, timeout: float = 60) -> int:
         try:
@@ -83,7 +84,8 @@ class Server:
             pytest.fail(f"producer did not exit within {timeout} s; log:\n{self.log()}")
 
     def log(self) -> str:
-        return self.proc.stdout.read() if self.proc.poll() is not None else "(still running)"
+        self._log.seek(0)
+        return self._log.read()
 
     def __enter__(self) -> "Server":
         return self
@@ -92,7 +94,6 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         self.wait(30)
-        self.proc.stdout.close()
 
 
 class Job:

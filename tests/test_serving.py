@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 
 import numpy as np
 import pytest
 import torch
+import zmq
 
 from conftest import CLASS_SIZES, RESNET, Job, Server, expected_labels
-from dalishare import DaliShareIterator, ProducerNotFound, runtime
+from dalishare import DaliShareIterator, ProducerNotFound, protocol, runtime
 
 N = sum(CLASS_SIZES.values())  # 30 samples; producer batches of 8: 8, 8, 8, 6
 
@@ -150,13 +152,17 @@ def test_a_job_attaching_mid_epoch_gets_the_resident_rest_then_whole_epochs(data
 def test_sigterm_and_sigint_stop_the_producer_cleanly(dataset, tmp_path):
     for sig in (signal.SIGINT, signal.SIGTERM):
         with Server(dataset, "--batch-size", "8") as server:
-            with DaliShareIterator("t", attach_timeout=30) as loader:
-                next(iter(loader))
+            with DaliShareIterator("t", batch_size=8, attach_timeout=30) as loader:
+                it = iter(loader)
+                first = next(it)["indices"].tolist()
                 server.proc.send_signal(sig)
                 assert server.wait(30) == 0
-                rest = list(loader)  # the pass ends with a reason instead of hanging
-            assert rest == [] or all(len(b["indices"]) for b in rest)
+                rest = [b["indices"].tolist() for b in it]  # the pass ends instead of hanging
+                assert list(loader) == []  # and so does every later pass
             assert loader.stop_reason == f"stopped by {sig.name}"
+            got = first + sum(rest, [])
+            assert len(got) == len(set(got)) < N  # a stopped epoch is short, never duplicated
+            assert f"stopping 't': stopped by {sig.name}" in server.log()
 
 
 def test_attaching_to_a_name_nobody_serves_fails_after_the_timeout():
@@ -172,10 +178,9 @@ def test_augment_runs_on_each_batch(dataset):
 
     with Server(dataset, "--batch-size", "8", "--epochs", "1"):
         with DaliShareIterator("t", batch_size=16, augment=to_float, attach_timeout=30) as loader:
-            shapes = [tuple(b["images"].shape) for b in loader]
-            assert all(b["images"].dtype == torch.float32 for b in [to_float(
-                {"images": torch.zeros(1, 2, 2, 3, dtype=torch.uint8)})])
-    assert shapes == [(16, 3, 224, 224), (14, 3, 224, 224)]
+            batches = [(tuple(b["images"].shape), b["images"].dtype, float(b["images"].max())) for b in loader]
+    assert [b[0] for b in batches] == [(16, 3, 224, 224), (14, 3, 224, 224)]
+    assert all(dtype == torch.float32 and 0 < top <= 1 for _, dtype, top in batches)
 
 
 def test_producers_of_different_names_serve_side_by_side(dataset, tmp_path):
@@ -210,13 +215,66 @@ def test_a_killed_producer_becomes_producer_lost_and_cleanup_removes_its_leftove
 
 
 def test_a_killed_job_releases_its_slots_and_the_others_go_on(dataset, tmp_path):
-    with Server(dataset, "--batch-size", "4", "--slots", "2", "--epochs", "2", "--min-consumers", "2"):
-        victim = Job(tmp_path / "victim.json", batch_size=4, passes=2, sleep=60)  # holds its first slot
+    # two slots, and the victim holds one from the first batch on: the survivor can finish only if
+    # the producer takes the victim's slot back when it dies
+    with Server(dataset, "--batch-size", "4", "--slots", "2", "--epochs", "2", "--min-consumers", "2") as server:
+        victim = Job(tmp_path / "victim.json", batch_size=4, passes=2, sleep=60)
         survivor = Job(tmp_path / "survivor.json", batch_size=4, passes=2)
         victim.wait_attached()
         time.sleep(1)
         victim.proc.kill()
         victim.proc.communicate(timeout=10)
         res = survivor.result(timeout=60)
+    assert f"(pid {victim.proc.pid}) died" in server.log()
     for p in res["passes"]:
         assert sorted(epoch_indices(p["batches"])) == list(range(N))
+
+
+def ghost_hello(version: int = protocol.PROTOCOL_VERSION, wait_for_answer: bool = False) -> None:
+    """A peer that says hello and closes its socket, before or after the producer's answer, while
+    its process (this one) lives on."""
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.connect(runtime.endpoint("t"))
+        sock.send(protocol.encode(protocol.Hello(pid=os.getpid(), version=version)))
+        if wait_for_answer:
+            assert sock.poll(10_000)
+            assert isinstance(protocol.decode(sock.recv()), protocol.Welcome)
+        sock.close(linger=1000)
+
+
+def test_peers_gone_before_their_welcome_hold_no_slots_and_wrong_versions_are_refused(dataset):
+    with Server(dataset, "--batch-size", "4", "--slots", "2", "--epochs", "1", "--heartbeat-timeout", "1") as server:
+        with DaliShareIterator("t", batch_size=4, attach_timeout=30, batch_timeout=20) as loader:
+            it = iter(loader)
+            got = next(it)["indices"].tolist()  # mid-epoch: batches are resident
+            ghost_hello()
+            ghost_hello(wait_for_answer=True)  # attached, sent the resident batches, then gone
+            ghost_hello(version=99)
+            with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:  # a live peer of another version
+                sock.connect(runtime.endpoint("t"))
+                sock.send(protocol.encode(protocol.Hello(pid=os.getpid(), version=99)))
+                assert sock.poll(10_000), "no answer to a wrong-version hello"
+                reply = protocol.decode(sock.recv())
+                sock.close(linger=0)
+            assert isinstance(reply, protocol.Reject) and "protocol version 99" in reply.reason
+            got += [i for b in it for i in b["indices"].tolist()]
+        assert server.wait(30) == 0
+    assert sorted(got) == list(range(N))
+    assert "unreachable" in server.log()
+
+
+def test_a_producer_that_fails_mid_epoch_raises_producer_lost_in_its_jobs(dataset, tmp_path):
+    import shutil
+
+    from dalishare import ProducerLost
+
+    data = shutil.copytree(dataset, tmp_path / "data")
+    with Server(data, "--batch-size", "4", "--slots", "2") as server:
+        with DaliShareIterator("t", batch_size=4, attach_timeout=30) as loader:
+            it = iter(loader)
+            next(it)
+            shutil.rmtree(data)  # the producer's next read fails
+            with pytest.raises(ProducerLost, match="failed: .*No such file"):
+                for _ in it:
+                    pass
+        assert server.wait(30) != 0
