@@ -43,10 +43,6 @@ class _ProducerBatch:
     def remaining(self) -> int:
         return self.msg.count - self.offset
 
-    @property
-    def left_in_epoch(self) -> int:
-        return self.msg.epoch_size - self.msg.start - self.offset
-
     def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         s = slice(self.offset, self.offset + n)
         self.offset += n
@@ -114,6 +110,7 @@ class DaliShareIterator:
         self.epoch: int | None = None
         self.stop_reason: str | None = None
         self.handoff_ns: deque[int] = deque(maxlen=100_000)  # announcement sent -> view ready
+        self.excluded_samples = 0  # files the producer excluded because DALI cannot decode them
         self._pending: deque[Batch] = deque()
         self._current: _ProducerBatch | None = None
         self._deferred: list[int] = []  # seqs of slots whose views were yielded at the last step
@@ -191,37 +188,43 @@ class DaliShareIterator:
         first = self._producer_batch()
         if first is None:
             return None
-        size = min(self.batch_size, first.left_in_epoch)
-        if first.remaining >= size:  # inside one producer batch: a view
-            images, labels, indices = first.take(size)
+        if first.remaining >= self.batch_size or first.msg.last:  # inside one producer batch: a view
+            images, labels, indices = first.take(min(self.batch_size, first.remaining))
             self._finish_if_consumed(first, deferred=True)
             if self.copy:
                 images = images.clone()
-        else:  # spans producer batches: assemble into a tensor this job owns
+        else:  # spans producer batches: assemble into a tensor this job owns, up to the epoch's end
+            size = self.batch_size
             images = torch.empty((size, *self._sample_shape), dtype=self._dtype)
             labels, indices = torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=torch.int64)
             filled = 0
-            while filled < size:
+            while filled < size and not self._epoch_over:
                 part = self._producer_batch()
-                if part is None:  # the producer stopped mid-batch: hand out what arrived
-                    images, labels, indices = images[:filled], labels[:filled], indices[:filled]
+                if part is None:  # the producer stopped
                     break
                 n = min(size - filled, part.remaining)
                 for out, piece in zip((images, labels, indices), part.take(n)):
                     out[filled : filled + n] = piece
                 filled += n
                 self._finish_if_consumed(part, deferred=False)
+            if filled < size:  # the epoch (or the producer) ended first: a last, smaller batch
+                images, labels, indices = images[:filled], labels[:filled], indices[:filled]
         batch = {"images": images, "labels": labels, "indices": indices}
         if self.device is not None and self.device.type != "cpu":
             batch = {k: v.to(self.device) for k, v in batch.items()}
         return batch
 
     def _producer_batch(self) -> _ProducerBatch | None:
-        """The producer batch to read next (blocking for it), or None once the producer stopped."""
+        """The producer batch to read next (blocking for it), or None once the producer stopped or
+        the next batch belongs to another epoch (if the epoch's last samples could not be decoded,
+        the batch before them was not marked last)."""
         if self._current is None:
-            msg = self._pop()
-            if msg is None:
+            head = self._peek()
+            if head is None or head.epoch != self.epoch:
+                self._epoch_over = True
                 return None
+            msg = self._pending.popleft()
+            self.samples_per_epoch, self.excluded_samples = msg.epoch_size, msg.excluded
             images = self._slot_tensors[msg.slot][: msg.count * math.prod(self._sample_shape) * self._dtype.itemsize]
             images = images.view(self._dtype).view(msg.count, *self._sample_shape)
             self._current = _ProducerBatch(msg, images)
@@ -231,7 +234,7 @@ class DaliShareIterator:
     def _finish_if_consumed(self, part: _ProducerBatch, deferred: bool) -> None:
         if part.remaining:
             return
-        if part.left_in_epoch == 0:
+        if part.msg.last:
             self._epoch_over = True
         self._current = None
         if deferred:  # a view of it was yielded: keep the slot until the next step
@@ -284,10 +287,6 @@ class DaliShareIterator:
     def _peek(self) -> Batch | None:
         self._wait_for_batch()
         return self._pending[0] if self._pending else None
-
-    def _pop(self) -> Batch | None:
-        self._wait_for_batch()
-        return self._pending.popleft() if self._pending else None
 
     def _wait_for_batch(self) -> None:
         """Receive until a batch is pending or the producer stopped; a dead producer raises `ProducerLost`."""

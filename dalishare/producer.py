@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,49 +19,16 @@ import numpy as np
 import zmq
 
 from . import protocol, runtime
-from .dataset import Dataset, epoch_order, scan
+from .dataset import scan
+from .feed import EpochFeed, Plan
 from .errors import ConfigError, ProtocolError
 from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Stop, Welcome
 from .ring import create_ring
-from .stage import build_pipeline, load_stage, read_encoded
+from .stage import build_pipeline, find_undecodable, load_stage
 
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL_S = 0.5
-
-
-@dataclass(frozen=True)
-class _Plan:
-    epoch: int
-    start: int
-    indices: np.ndarray
-    labels: np.ndarray
-    last: bool
-
-
-class EpochFeed:
-    """DALI's external source: yields the encoded images of each batch in serving order, forever.
-
-    Every batch it hands DALI is recorded in ``plans``; DALI returns outputs in the same order, so
-    the producer pops the plan that matches each output.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.plans: deque[_Plan] = deque()
-        self._epoch, self._pos = 0, 0
-        self._order = epoch_order(len(dataset), seed, 0)
-
-    def __call__(self) -> list[np.ndarray]:
-        n = len(self.dataset)
-        indices = self._order[self._pos : self._pos + self.batch_size]
-        last = self._pos + len(indices) == n
-        self.plans.append(_Plan(self._epoch, self._pos, indices, self.dataset.labels[indices], last))
-        self._pos += len(indices)
-        if last:
-            self._epoch, self._pos = self._epoch + 1, 0
-            self._order = epoch_order(n, self.seed, self._epoch)
-        return read_encoded(self.dataset.files[i] for i in indices)
 
 
 @dataclass
@@ -127,11 +93,10 @@ class Producer:
         try:
             runtime.clean_stale(opts.name)
             runtime.socket_path(opts.name).unlink(missing_ok=True)
-            dataset = scan(self.data)
-            stage = load_stage(self.pipeline_file)
+            self._dataset = dataset = scan(self.data)
+            self._stage = load_stage(self.pipeline_file)
             self._feed = EpochFeed(dataset, opts.batch_size, opts.seed)
-            self._pipe = build_pipeline(stage, self._feed, batch_size=opts.batch_size, device=opts.device,
-                                        num_threads=opts.num_threads, seed=opts.seed)
+            self._build_pipeline()
             self._ready = self._next_output()
             images = self._ready[0]
             self._sample_shape, self._dtype = list(images.shape[1:]), images.dtype
@@ -141,7 +106,7 @@ class Producer:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.bind(runtime.endpoint(opts.name))
-            self._dataset, self._ring, self._sock = dataset, ring, sock
+            self._ring, self._sock = ring, sock
             self._slots = [_Slot() for _ in range(opts.slots)]
             self._seq, self._started, self._done = 0, False, False
             log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots, at %s",
@@ -187,9 +152,39 @@ class Producer:
             return False
         return not self._slots[self._seq % len(self._slots)].holders
 
-    def _next_output(self) -> tuple[np.ndarray, _Plan]:
-        (out,) = self._pipe.run()
-        return np.asarray(out.as_tensor()), self._feed.plans.popleft()
+    # -- the stage ------------------------------------------------------------------------------
+
+    def _build_pipeline(self) -> None:
+        opts = self.options
+        self._pipe = None  # release the old pipeline's threads and buffers first
+        self._pipe = build_pipeline(self._stage, self._feed, batch_size=opts.batch_size, device=opts.device,
+                                    num_threads=opts.num_threads, seed=opts.seed)
+
+    def _next_output(self) -> tuple[np.ndarray, Plan]:
+        """The next batch of the stage, with the files DALI cannot decode taken out of the feed."""
+        while True:
+            try:
+                (out,) = self._pipe.run()
+                return np.asarray(out.as_tensor()), self._feed.plans.popleft()
+            except Exception as exc:  # DALI raises RuntimeError for bad images, the feed OSError
+                self._exclude_undecodable(exc)
+
+    def _exclude_undecodable(self, exc: Exception) -> None:
+        """After a failed batch: find the files among those in flight that fail alone, exclude and
+        report each once, rebuild the pipeline and feed again from the failed batch. A failure that
+        no single file explains is re-raised."""
+        in_flight = list(self._feed.plans)
+        indices = [int(i) for plan in in_flight for i in plan.indices]
+        bad = find_undecodable(self._stage, [self._dataset.files[i] for i in indices], device=self.options.device)
+        if not bad:
+            raise exc
+        for position, reason in bad.items():
+            self._feed.exclude(indices[position], reason)
+            log.warning("excluded %s (sample %d): %s", self._dataset.files[indices[position]], indices[position], reason)
+        log.warning("%d of %d files excluded so far because they cannot be decoded",
+                    len(self._feed.excluded), len(self._dataset))
+        self._build_pipeline()
+        self._feed.rewind(in_flight[0])
 
     def _produce(self) -> None:
         images, plan = self._ready if self._ready is not None else self._next_output()
@@ -201,8 +196,8 @@ class Producer:
         self._ring.write(slot_index, images)
         slot = self._slots[slot_index]
         slot.batch = Batch(seq=self._seq, slot=slot_index, epoch=plan.epoch, start=plan.start,
-                           count=len(plan.indices), epoch_size=len(self._dataset),
-                           labels=plan.labels.astype("<i8").tobytes(),
+                           count=len(plan.indices), last=plan.last, epoch_size=len(plan.order),
+                           excluded=len(self._feed.excluded), labels=plan.labels.astype("<i8").tobytes(),
                            indices=plan.indices.astype("<i8").tobytes(), sent_ns=0)
         for job in list(self._jobs.values()):
             self._announce(job, slot)
@@ -266,11 +261,14 @@ class Producer:
             self._drop(f"hello with protocol version {hello.version}")
             return
         # random ids: messages a job sent to an earlier producer of this name match no job here
-        job = _Job(secrets.randbits(62), hello.pid, identity, time.monotonic())
+        job_id = secrets.randbits(31)
+        while job_id in self._jobs:
+            job_id = secrets.randbits(31)
+        job = _Job(job_id, hello.pid, identity, time.monotonic())
         self._jobs[job.id] = job
         if not self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(), ring=self._ring.layout.to_wire(),
                                 sample_shape=self._sample_shape, dtype=self._dtype.name,
-                                epoch_size=len(self._dataset), batch_size=self.options.batch_size,
+                                epoch_size=self._feed.epoch_size, batch_size=self.options.batch_size,
                                 classes=self._dataset.classes)):
             return
         for slot in self._resident_of_current_epoch():
@@ -280,7 +278,7 @@ class Producer:
     def _resident_of_current_epoch(self) -> list[_Slot]:
         """Slots still holding batches of an unfinished epoch, oldest first: what a late job may still read."""
         filled = sorted((s for s in self._slots if s.batch is not None), key=lambda s: s.batch.seq)
-        if not filled or filled[-1].batch.count + filled[-1].batch.start == filled[-1].batch.epoch_size:
+        if not filled or filled[-1].batch.last:
             return []
         return [s for s in filled if s.batch.epoch == filled[-1].batch.epoch]
 

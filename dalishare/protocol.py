@@ -52,7 +52,9 @@ class Batch:
     epoch: int
     start: int
     count: int
-    epoch_size: int
+    last: bool              # the epoch's last batch
+    epoch_size: int         # decodable samples in this epoch, as known when the batch was made
+    excluded: int           # files excluded so far because DALI cannot decode them
     labels: bytes           # int64 little-endian, one per sample
     indices: bytes          # int64 little-endian stable sample indices
     sent_ns: int            # time.monotonic_ns() at send, for hand-off latency

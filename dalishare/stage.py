@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -51,14 +52,15 @@ def read_encoded(paths: Iterable[Path]) -> list[np.ndarray]:
 
 
 def build_pipeline(stage: Callable, source: Callable, *, batch_size: int, device: str = "cpu",
-                   num_threads: int | None = None, seed: int = 0, prefetch: int = 2):
-    """A DALI pipeline that feeds ``source()`` (a list of encoded images, up to ``batch_size``) to ``stage``."""
+                   num_threads: int | None = None, seed: int = 0, prefetch: int = 2, **options):
+    """A DALI pipeline that feeds ``source()`` (a list of encoded images, up to ``batch_size``) to
+    ``stage``; ``options`` go to DALI's ``pipeline_def``."""
     from nvidia.dali import fn, pipeline_def, types
 
     device_id = parse_device(device)
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1,
-                  device_id=device_id, seed=seed, prefetch_queue_depth=prefetch)
+                  device_id=device_id, seed=seed, prefetch_queue_depth=prefetch, **options)
     def pipeline():
         jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8, name="encoded")
         return stage(jpegs, "cpu" if device_id is None else "mixed")
@@ -66,6 +68,43 @@ def build_pipeline(stage: Callable, source: Callable, *, batch_size: int, device
     pipe = pipeline()
     pipe.build()
     return pipe
+
+
+def find_undecodable(stage: Callable, files: list[Path], *, device: str = "cpu") -> dict[int, str]:
+    """Run ``stage`` on each file alone; return {position in ``files``: one-line reason} for those
+    that fail. DALI fails a whole batch for one bad file and is unusable afterwards, so this is how
+    the producer finds the culprits (and it rebuilds its probe after each failure)."""
+    current: list[Path] = []
+
+    def source():
+        return read_encoded(current[-1:])
+
+    bad: dict[int, str] = {}
+    pipe = None
+    for position, path in enumerate(files):
+        current.append(path)
+        try:
+            if os.path.getsize(path) == 0:
+                raise ValueError("empty file")
+            if pipe is None:
+                pipe = build_pipeline(stage, source, batch_size=1, device=device, num_threads=1, prefetch=1,
+                                      exec_async=False, exec_pipelined=False)
+            pipe.run()
+        except Exception as exc:  # DALI reports decoding errors as RuntimeError, reading ones as others
+            bad[position] = one_line(exc)
+            pipe = None
+    return bad
+
+
+def one_line(exc: BaseException) -> str:
+    """The gist of a DALI error (which spans many lines: the op, the user's traceback, the cause)."""
+    text = str(exc)
+    op = re.search(r"operator `(?:nvidia\.dali\.)?([^`]+)`", text)
+    cause = text.split("encountered:", 1)[-1]
+    lines = [line.strip() for line in cause.splitlines()
+             if line.strip() and not line.startswith("Current pipeline object")]
+    gist = re.sub(r"\[/[^\]]*\]\s*", "", lines[0] if lines else "").rstrip(" :")  # drop DALI source paths
+    return (f"{op.group(1)}: {gist}" if op else f"{type(exc).__name__}: {gist}")[:300]
 
 
 def standalone_batches(stage: Callable, files: list[Path], batch_size: int, *, device: str = "cpu",

@@ -82,7 +82,7 @@ def test_serve_setup_errors_exit_2_with_one_line(tmp_path, case, dataset):
 
 
 def test_messages_round_trip_and_malformed_ones_raise_protocol_error():
-    msg = protocol.Batch(seq=3, slot=1, epoch=0, start=8, count=8, epoch_size=30, labels=b"\0" * 64,
+    msg = protocol.Batch(seq=3, slot=1, epoch=0, start=8, count=8, last=False, epoch_size=30, excluded=0, labels=b"\0" * 64,
                          indices=b"\1" * 64, sent_ns=5)
     assert protocol.decode(protocol.encode(msg)) == msg
     for data in (b"\xff\x00garbage", protocol.encode(protocol.Stop("x"))[:-2],

@@ -1,0 +1,72 @@
+"""The serving order: which samples go into each producer batch, epoch after epoch, minus bad files.
+
+`EpochFeed` is the DALI external source of the shared stage. It hands DALI the encoded images of one
+batch per call and records what it handed out as a `Plan`; DALI returns outputs in the same order,
+so the producer pops the plan matching each output. When a batch fails to decode, the producer
+excludes the files that DALI cannot decode and rewinds the feed to that batch: the samples already
+served keep their positions, the rest of the epoch closes up.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dataset import Dataset, epoch_order
+from .errors import DatasetError
+from .stage import read_encoded
+
+
+@dataclass(frozen=True)
+class Plan:
+    epoch: int
+    start: int            # position of the first sample in the epoch's order
+    indices: np.ndarray   # stable sample indices, int64
+    labels: np.ndarray
+    last: bool            # the epoch's last batch
+    order: np.ndarray     # the epoch's order this batch was cut from (needed to rewind)
+
+
+class EpochFeed:
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.plans: deque[Plan] = deque()
+        self.excluded: dict[int, str] = {}  # sample index -> why DALI cannot decode it
+        self._start_epoch(0)
+
+    @property
+    def epoch_size(self) -> int:
+        """Samples in the epoch being fed."""
+        return len(self._order)
+
+    def _start_epoch(self, epoch: int) -> None:
+        order = epoch_order(len(self.dataset), self.seed, epoch)
+        self._epoch, self._pos, self._order = epoch, 0, self._without_excluded(order)
+        if not len(self._order):
+            raise DatasetError(f"none of the {len(self.dataset)} files in {self.dataset.root} can be decoded")
+
+    def _without_excluded(self, order: np.ndarray) -> np.ndarray:
+        if not self.excluded:
+            return order
+        return order[~np.isin(order, np.fromiter(self.excluded, dtype=np.int64))]
+
+    def __call__(self) -> list[np.ndarray]:
+        if self._pos == len(self._order):
+            self._start_epoch(self._epoch + 1)
+        indices = self._order[self._pos : self._pos + self.batch_size]
+        last = self._pos + len(indices) == len(self._order)
+        self.plans.append(Plan(self._epoch, self._pos, indices, self.dataset.labels[indices], last, self._order))
+        self._pos += len(indices)
+        return read_encoded(self.dataset.files[i] for i in indices)
+
+    def exclude(self, index: int, reason: str) -> None:
+        self.excluded[index] = reason
+
+    def rewind(self, plan: Plan) -> None:
+        """Feed again from the start of ``plan`` (which failed), without the excluded samples."""
+        self.plans.clear()
+        served, rest = plan.order[: plan.start], plan.order[plan.start :]
+        self._epoch, self._pos = plan.epoch, plan.start
+        self._order = np.concatenate([served, self._without_excluded(rest)])
