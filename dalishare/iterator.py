@@ -125,6 +125,7 @@ class DaliShareIterator:
             self._sock.connect(self._endpoint)
             welcome = self._attach(attach_timeout)
             self.job_id, self.producer_pid = welcome.job_id, welcome.producer_pid
+            self._producer_started = runtime.process_start(welcome.producer_pid)
             self.classes, self.samples_per_epoch = welcome.classes, welcome.epoch_size
             self.producer_batch_size = welcome.batch_size
             self.batch_size = batch_size or welcome.batch_size
@@ -294,7 +295,7 @@ class DaliShareIterator:
         while not self._pending and self.stop_reason is None and not self._failure:
             if self._sock.poll(POLL_S * 1000):
                 self._receive_all()
-            elif not runtime.pid_alive(self.producer_pid):
+            elif not runtime.pid_alive(self.producer_pid, self._producer_started):
                 raise ProducerLost(
                     f"producer {self.name!r} (pid {self.producer_pid}) died; restart it with "
                     f"`dalishare serve ... --name {self.name}` and restart this job")

@@ -37,6 +37,7 @@ class _Job:
     pid: int
     identity: bytes
     last_seen: float
+    started: int | None = None  # the job process's start time, to tell it from a later one with its pid
     silent: bool = False      # warned about a missing heartbeat
     next_probe: float = 0.0   # when to check a silent job's socket again
 
@@ -105,6 +106,7 @@ class Producer:
             sock = ctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.SNDHWM, 100_000)
+            sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)  # bigger: the sender is cut off
             sock.bind(runtime.endpoint(opts.name))
             self._ring, self._sock = ring, sock
             self._slots = [_Slot() for _ in range(opts.slots)]
@@ -143,7 +145,8 @@ class Producer:
                 self._produce()
             elif self._done and not any(s.holders for s in self._slots):
                 self.stop(f"finished {self.options.epochs} epochs")
-        log.info("stopping %r: %s (%d batches served)", self.options.name, self.stop_reason, self.batches_served)
+        log.info("stopping %r: %s (%d batches served, %d bad control messages dropped)",
+                 self.options.name, self.stop_reason, self.batches_served, self.bad_messages)
 
     def _can_produce(self) -> bool:
         if self._done or not self._jobs:
@@ -264,7 +267,7 @@ class Producer:
         job_id = secrets.randbits(31)
         while job_id in self._jobs:
             job_id = secrets.randbits(31)
-        job = _Job(job_id, hello.pid, identity, time.monotonic())
+        job = _Job(job_id, hello.pid, identity, time.monotonic(), runtime.process_start(hello.pid))
         self._jobs[job.id] = job
         if not self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(), ring=self._ring.layout.to_wire(),
                                 sample_shape=self._sample_shape, dtype=self._dtype.name,
@@ -312,7 +315,7 @@ class Producer:
         """
         now = time.monotonic()
         for job in list(self._jobs.values()):
-            if not runtime.pid_alive(job.pid):
+            if not runtime.pid_alive(job.pid, job.started):
                 self._detach(job, "died (its process is gone)")
             elif now - job.last_seen > self.options.heartbeat_timeout and now >= job.next_probe:
                 job.next_probe = now + self.options.heartbeat_timeout

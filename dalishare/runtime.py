@@ -67,14 +67,28 @@ def shm_name(name: str, pid: int) -> str:
     return f"{SHM_PREFIX}{check_name(name)}.{pid}"
 
 
-def pid_alive(pid: int) -> bool:
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat from the state on (state is [0], start time [19]); None if no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def process_start(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot): with the pid, it names one process for good."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def pid_alive(pid: int, started: int | None = None) -> bool:
+    """Whether process ``pid`` lives: not a zombie and, given ``started``, not a later process that
+    reuses the pid."""
+    fields = _proc_stat(pid)
+    if fields is None:
         return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
+    return fields[0] not in ("Z", "X") and (started is None or int(fields[19]) == started)
 
 
 def _lock(path: Path, create: bool) -> int | None:

@@ -18,7 +18,8 @@ from dalishare.demo import make_image_folder as make_dataset
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 RESNET = ROOT / "pipelines" / "resnet.py"
-CLASS_SIZES = {"ants": 10, "bees": 7, "wasps": 13}  # 30 samples
+CLASS_SIZES = {"ants": 10, "bees": 7, "wasps": 13}
+N_SAMPLES = sum(CLASS_SIZES.values())
 
 
 def expected_labels(root: Path) -> list[int]:

@@ -1,25 +1,45 @@
-"""A training job for the tests: attaches, runs N passes, records what it got as JSON."""
+"""A training job for the tests: attaches, runs N passes, records what it got as JSON.
+
+Optional: ``sleep`` per batch, ``verify_stable`` (the slot must not change while held), and
+``die`` = {"how": "sigkill" | "sigterm" | "raise" | "close", "after": batches} to end the job badly.
+"""
 
 import hashlib
 import json
+import os
+import signal
 import sys
 import time
 
 from dalishare import DaliShareIterator
 
+
+def die(how: str, loader) -> None:
+    if how == "close":
+        loader.close()
+        time.sleep(60)  # stays alive, detached; the test kills it
+    elif how == "raise":
+        raise RuntimeError("the job failed on purpose")
+    os.kill(os.getpid(), {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}[how])
+    time.sleep(60)
+
+
 spec = json.loads(sys.argv[1])
-passes = []
+passes, done, death = [], 0, spec.get("die")
 with DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), attach_timeout=60) as loader:
     open(spec["out"] + ".attached", "w").close()  # lets a test wait for the attach itself
     for _ in range(spec.get("passes", 1)):
         batches = []
         for batch in loader:
+            if death and done == death["after"]:
+                die(death["how"], loader)
+            done += 1
             images = batch["images"]
             digest = [hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in images]
             time.sleep(spec.get("sleep", 0))
             if spec.get("verify_stable"):  # the producer must not have overwritten the slot meanwhile
                 assert digest == [hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in images], "slot reused"
-            batches.append({"epoch": loader.epoch, "indices": batch["indices"].tolist(),
+            batches.append({"epoch": loader.epoch, "indices": batch["indices"].tolist(), "at": time.monotonic(),
                             "labels": batch["labels"].tolist(), "shape": list(images.shape),
                             "dtype": str(images.dtype), "digest": digest})
         passes.append({"epoch": loader.epoch, "batches": batches})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import time
 
@@ -214,18 +215,24 @@ def test_a_killed_producer_becomes_producer_lost_and_cleanup_removes_its_leftove
     assert any(f".{server.proc.pid}" in r for r in removed) and any(r.endswith("t.sock") for r in removed)
 
 
-def test_a_killed_job_releases_its_slots_and_the_others_go_on(dataset, tmp_path):
-    # two slots, and the victim holds one from the first batch on: the survivor can finish only if
-    # the producer takes the victim's slot back when it dies
+@pytest.mark.parametrize("after", [0, 1], ids=["idle", "mid-batch"])
+@pytest.mark.parametrize("how", ["sigkill", "sigterm", "raise", "close"])
+def test_a_job_that_dies_or_leaves_releases_its_slots_and_the_others_go_on(dataset, tmp_path, how, after):
+    # two slots, and the victim holds them from the start: the survivor can finish only if the
+    # producer takes the victim's slots back when it dies or leaves
     with Server(dataset, "--batch-size", "4", "--slots", "2", "--epochs", "2", "--min-consumers", "2") as server:
-        victim = Job(tmp_path / "victim.json", batch_size=4, passes=2, sleep=60)
+        victim = Job(tmp_path / "victim.json", batch_size=4, passes=2, die={"how": how, "after": after})
         survivor = Job(tmp_path / "survivor.json", batch_size=4, passes=2)
-        victim.wait_attached()
-        time.sleep(1)
-        victim.proc.kill()
-        victim.proc.communicate(timeout=10)
         res = survivor.result(timeout=60)
-    assert f"(pid {victim.proc.pid}) died" in server.log()
+        if victim.proc.poll() is None:
+            victim.proc.kill()
+        victim.proc.communicate(timeout=10)
+    # who left and why: a closed job says goodbye, a dead one is found by its pid, and either may
+    # first be found unreachable when the producer sends to its closed socket
+    why = "left: closed|unreachable" if how in ("raise", "close") else "died|unreachable"
+    assert re.search(rf"job \d+ \(pid {victim.proc.pid}\) ({why})", server.log()), server.log()
+    stamps = [b["at"] for p in res["passes"] for b in p["batches"]]
+    assert max(b - a for a, b in zip(stamps, stamps[1:])) < 2.0, "the survivor waited too long"
     for p in res["passes"]:
         assert sorted(epoch_indices(p["batches"])) == list(range(N))
 
