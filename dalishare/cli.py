@@ -16,7 +16,7 @@ def _serve(args: argparse.Namespace) -> None:
     producer = Producer(args.pipeline, args.data, ServeOptions(
         name=args.name, batch_size=args.batch_size, device=args.device, slots=args.slots, seed=args.seed,
         epochs=args.epochs, min_consumers=args.min_consumers, num_threads=args.threads,
-        heartbeat_timeout=args.heartbeat_timeout))
+        heartbeat_timeout=args.heartbeat_timeout, stall_timeout=args.stall_timeout))
 
     def on_signal(signum, _frame):
         producer.stop(f"stopped by {signal.Signals(signum).name}")
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
     serve.add_argument("--heartbeat-timeout", type=float, default=10.0,
                        help="seconds of silence before a job's socket is checked (default: %(default)s)")
+    serve.add_argument("--stall-timeout", type=float, default=30.0,
+                       help="seconds a job may hold the others back before it is suspended (default: %(default)s)")
     serve.set_defaults(func=_serve)
 
     cleanup = sub.add_parser("cleanup", help="remove segments and sockets left by dead producers")

@@ -23,7 +23,7 @@ import zmq
 
 from . import protocol, runtime
 from .errors import ProducerLost, ProducerNotFound, ProtocolError
-from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Stop, Welcome
+from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
 from .ring import RingLayout, attach_ring
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ class DaliShareIterator:
         self.stop_reason: str | None = None
         self.handoff_ns: deque[int] = deque(maxlen=100_000)  # announcement sent -> view ready
         self.excluded_samples = 0  # files the producer excluded because DALI cannot decode them
+        self.missed_samples = 0    # samples skipped while this job was suspended for stalling
+        self._last: Batch | None = None  # the last producer batch taken from the queue
         self._pending: deque[Batch] = deque()
         self._current: _ProducerBatch | None = None
         self._deferred: list[int] = []  # seqs of slots whose views were yielded at the last step
@@ -220,17 +222,33 @@ class DaliShareIterator:
         the next batch belongs to another epoch (if the epoch's last samples could not be decoded,
         the batch before them was not marked last)."""
         if self._current is None:
+            self._receive_all()  # a Suspended message voids queued announcements: see it first
             head = self._peek()
             if head is None or head.epoch != self.epoch:
                 self._epoch_over = True
                 return None
             msg = self._pending.popleft()
+            self._count_missed(msg)
             self.samples_per_epoch, self.excluded_samples = msg.epoch_size, msg.excluded
             images = self._slot_tensors[msg.slot][: msg.count * math.prod(self._sample_shape) * self._dtype.itemsize]
             images = images.view(self._dtype).view(msg.count, *self._sample_shape)
             self._current = _ProducerBatch(msg, images)
             self.handoff_ns.append(time.monotonic_ns() - msg.sent_ns)
         return self._current
+
+    def _count_missed(self, msg: Batch) -> None:
+        """Account for samples skipped between the last batch and ``msg`` (after a suspension)."""
+        last, self._last = self._last, msg
+        if last is None:
+            return
+        if msg.epoch == last.epoch:
+            missed = msg.start - (last.start + last.count)
+        else:
+            missed = last.epoch_size - (last.start + last.count) + msg.start + (msg.epoch - last.epoch - 1) * msg.epoch_size
+        if missed > 0:
+            self.missed_samples += missed
+            log.warning("job %d continues at epoch %d sample %d: it missed %d samples while suspended "
+                        "(%d in all)", self.job_id, msg.epoch, msg.start, missed, self.missed_samples)
 
     def _finish_if_consumed(self, part: _ProducerBatch, deferred: bool) -> None:
         if part.remaining:
@@ -320,10 +338,26 @@ class DaliShareIterator:
                 continue
             if isinstance(msg, Batch):
                 self._pending.append(msg)
+            elif isinstance(msg, Suspended):
+                self._resume_after_suspension(msg)
             elif isinstance(msg, Stop):
                 self.stop_reason = msg.reason
                 self._pending.clear()
-                if msg.failed:
+                if msg.kind == "failed":
                     self._failure = msg.reason
                 else:
                     log.warning("producer %r stopped: %s", self.name, msg.reason)
+
+    def _resume_after_suspension(self, msg: Suspended) -> None:
+        """The producer suspended this job for stalling: drop the announcements it voided, say so,
+        and ask to go on from the current position."""
+        kept = set(msg.kept)
+        voided = [m for m in self._pending if m.seq not in kept]
+        self._pending = deque(m for m in self._pending if m.seq in kept)
+        seen = [m.seq for m in self._pending] + ([self._last.seq] if self._last else [])
+        log.warning("job %d was suspended by producer %r (%s); %d queued batches voided; resuming from "
+                    "the current position", self.job_id, self.name, msg.reason, len(voided))
+        try:
+            self._sock.send(protocol.encode(Resume(self.job_id, max(seen, default=-1))), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # a gone producer is reported by the next wait

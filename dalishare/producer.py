@@ -22,7 +22,7 @@ from . import protocol, runtime
 from .dataset import scan
 from .feed import EpochFeed, Plan
 from .errors import ConfigError, ProtocolError
-from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Stop, Welcome
+from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
 from .ring import create_ring
 from .stage import build_pipeline, find_undecodable, load_stage
 
@@ -39,13 +39,14 @@ class _Job:
     last_seen: float
     started: int | None = None  # the job process's start time, to tell it from a later one with its pid
     silent: bool = False      # warned about a missing heartbeat
+    suspended: bool = False   # stalled: gets no announcements until it resumes
     next_probe: float = 0.0   # when to check a silent job's socket again
 
 
 @dataclass
 class _Slot:
-    batch: Batch | None = None                     # what the slot holds now
-    holders: set[int] = field(default_factory=set)  # jobs that were sent it and have not released it
+    batch: Batch | None = None  # what the slot holds now
+    holders: dict[int, float] = field(default_factory=dict)  # job id -> when sent; not yet released
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ServeOptions:
     min_consumers: int = 1
     num_threads: int | None = None
     heartbeat_timeout: float = 10.0
+    stall_timeout: float = 30.0
 
     def check(self) -> None:
         runtime.check_name(self.name)
@@ -110,7 +112,7 @@ class Producer:
             sock.bind(runtime.endpoint(opts.name))
             self._ring, self._sock = ring, sock
             self._slots = [_Slot() for _ in range(opts.slots)]
-            self._seq, self._started, self._done = 0, False, False
+            self._seq, self._started, self._done, self._blocked_since = 0, False, False, None
             log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots, at %s",
                      opts.name, len(dataset), len(dataset.classes), opts.batch_size, self._sample_shape,
                      self._dtype, opts.slots, runtime.endpoint(opts.name))
@@ -120,8 +122,9 @@ class Producer:
             raise
         finally:
             if sock is not None:
+                finished = (self.stop_reason or "").startswith("finished")
                 self._broadcast(Stop(self.failure or self.stop_reason or "producer stopped",
-                                     failed=self.failure is not None))
+                                     kind="failed" if self.failure else "finished" if finished else "stopped"))
                 sock.close(linger=500)
             if ctx is not None:
                 ctx.term()
@@ -143,7 +146,7 @@ class Producer:
                 next_reap = time.monotonic() + REAP_INTERVAL_S
             if self._can_produce():
                 self._produce()
-            elif self._done and not any(s.holders for s in self._slots):
+            elif self._done and all(self._jobs[j].suspended for s in self._slots for j in s.holders):
                 self.stop(f"finished {self.options.epochs} epochs")
         log.info("stopping %r: %s (%d batches served, %d bad control messages dropped)",
                  self.options.name, self.stop_reason, self.batches_served, self.bad_messages)
@@ -153,7 +156,15 @@ class Producer:
             return False
         if not self._started and len(self._jobs) < self.options.min_consumers:
             return False
-        return not self._slots[self._seq % len(self._slots)].holders
+        if self._free_slot() is None:
+            self._blocked_since = self._blocked_since or time.monotonic()
+            return False
+        return True
+
+    def _free_slot(self) -> int | None:
+        """The free slot holding the oldest batch (the newest stay resident for late jobs), or None."""
+        free = [k for k, s in enumerate(self._slots) if not s.holders]
+        return min(free, key=lambda k: self._slots[k].batch.seq if self._slots[k].batch else -1, default=None)
 
     # -- the stage ------------------------------------------------------------------------------
 
@@ -195,7 +206,7 @@ class Producer:
         if list(images.shape[1:]) != self._sample_shape:
             raise ConfigError(f"the stage produced samples of shape {list(images.shape[1:])} after "
                               f"{self._sample_shape}: it must output one fixed shape (add a crop)")
-        slot_index = self._seq % len(self._slots)
+        slot_index = self._free_slot()
         self._ring.write(slot_index, images)
         slot = self._slots[slot_index]
         slot.batch = Batch(seq=self._seq, slot=slot_index, epoch=plan.epoch, start=plan.start,
@@ -203,8 +214,10 @@ class Producer:
                            excluded=len(self._feed.excluded), labels=plan.labels.astype("<i8").tobytes(),
                            indices=plan.indices.astype("<i8").tobytes(), sent_ns=0)
         for job in list(self._jobs.values()):
-            self._announce(job, slot)
+            if not job.suspended:
+                self._announce(job, slot)
         self._seq += 1
+        self._blocked_since = None
         self._started = True
         self.batches_served += 1
         if plan.last and self.options.epochs is not None and plan.epoch + 1 >= self.options.epochs:
@@ -212,7 +225,7 @@ class Producer:
 
     def _announce(self, job: _Job, slot: _Slot) -> None:
         if self._send(job, dataclasses.replace(slot.batch, sent_ns=time.monotonic_ns())):
-            slot.holders.add(job.id)
+            slot.holders[job.id] = time.monotonic()
 
     # -- control messages -----------------------------------------------------------------------
 
@@ -248,9 +261,11 @@ class Producer:
             return
         job.last_seen, job.silent = time.monotonic(), False
         if isinstance(msg, Release):
-            slot = self._slots[msg.seq % len(self._slots)]
-            if slot.batch is not None and slot.batch.seq == msg.seq:
-                slot.holders.discard(job.id)
+            for slot in self._slots:
+                if slot.batch is not None and slot.batch.seq == msg.seq:
+                    slot.holders.pop(job.id, None)
+        elif isinstance(msg, Resume):
+            self._resume(job, msg.after_seq)
         elif isinstance(msg, Bye):
             self._detach(job, f"left: {msg.reason}")
         elif not isinstance(msg, Heartbeat):
@@ -314,6 +329,7 @@ class Producer:
         it may still read.
         """
         now = time.monotonic()
+        self._suspend_stallers(now)
         for job in list(self._jobs.values()):
             if not runtime.pid_alive(job.pid, job.started):
                 self._detach(job, "died (its process is gone)")
@@ -324,9 +340,41 @@ class Producer:
                     log.warning("job %d (pid %d) is alive but sent no heartbeat for %.0f s; "
                                 "the jobs wait for it", job.id, job.pid, now - job.last_seen)
 
+    def _suspend_stallers(self, now: float) -> None:
+        """Suspend the jobs that held the producer back for longer than the stall timeout.
+
+        A suspended job keeps its two oldest slots (the only ones it can be reading: it consumes in
+        order and looks for a `Suspended` before each new batch); its other slots are freed for the
+        others. See NOTE [ Slot ownership ] in ring.py.
+        """
+        timeout = self.options.stall_timeout
+        if self._blocked_since is None or now - self._blocked_since < timeout:
+            return
+        for job in self._jobs.values():
+            held = sorted((s.batch.seq, s) for s in self._slots if job.id in s.holders)
+            if job.suspended or not held or now - min(s.holders[job.id] for _, s in held) < timeout:
+                continue
+            job.suspended = True
+            for _, slot in held[2:]:
+                slot.holders.pop(job.id)
+            kept = [seq for seq, _ in held[:2]]
+            self._send(job, Suspended(f"held the other jobs back for more than {timeout:g} s", kept))
+            log.warning("job %d (pid %d) held the others back for %.0f s: suspended until it resumes "
+                        "(it keeps slots of batches %s)", job.id, job.pid, now - self._blocked_since, kept)
+
+    def _resume(self, job: _Job, after_seq: int) -> None:
+        if not job.suspended:
+            return
+        job.suspended = False
+        resident = [s for s in self._resident_of_current_epoch() if s.batch.seq > after_seq]
+        for slot in resident:
+            self._announce(job, slot)
+        log.info("job %d (pid %d) resumed after batch %d; sent it %d resident batches",
+                 job.id, job.pid, after_seq, len(resident))
+
     def _detach(self, job: _Job, why: str) -> None:
         if self._jobs.pop(job.id, None) is None:
             return
         for slot in self._slots:
-            slot.holders.discard(job.id)
+            slot.holders.pop(job.id, None)
         log.info("job %d (pid %d) %s; %d jobs left", job.id, job.pid, why, len(self._jobs))

@@ -4,7 +4,8 @@ Each message is a frozen dataclass. On the wire it is one msgpack map: ``{"t": T
 Decoding checks the tag, the exact set of fields and each field's type, so a stranger's bytes become
 a `ProtocolError` (which the receiver counts and drops), never code: no pickle anywhere.
 
-Job -> producer: Hello, Release, Heartbeat, Bye.   Producer -> job: Welcome, Reject, Batch, Stop.
+Job -> producer: Hello, Release, Heartbeat, Resume, Bye.
+Producer -> job: Welcome, Reject, Batch, Suspended, Heartbeat (a probe), Stop.
 """
 
 from __future__ import annotations
@@ -80,10 +81,29 @@ class Bye:
 @dataclass(frozen=True)
 class Stop:
     reason: str
-    failed: bool = False  # True: the producer crashed, jobs must not take a short epoch as complete
+    kind: str = "stopped"  # "finished" (--epochs done), "stopped" (signal) or "failed" (crashed)
 
 
-MESSAGES = {cls.__name__.lower(): cls for cls in (Hello, Welcome, Reject, Batch, Release, Heartbeat, Bye, Stop)}
+@dataclass(frozen=True)
+class Suspended:
+    """The job held the others back for longer than the stall timeout: it gets no announcements
+    until it resumes, its other announcements are void, and only the slots in ``kept`` (which it
+    may be reading) stay held for it."""
+
+    reason: str
+    kept: list
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A suspended job is back; it has seen every batch up to ``after_seq``."""
+
+    job_id: int
+    after_seq: int
+
+
+MESSAGES = {cls.__name__.lower(): cls
+            for cls in (Hello, Welcome, Reject, Batch, Release, Heartbeat, Bye, Stop, Suspended, Resume)}
 _FIELDS = {cls: {f.name: f.type for f in dataclasses.fields(cls)} for cls in MESSAGES.values()}
 _TYPES = {"int": int, "str": str, "bytes": bytes, "dict": dict, "list": list, "bool": bool}
 

@@ -1,7 +1,8 @@
 """A training job for the tests: attaches, runs N passes, records what it got as JSON.
 
 Optional: ``sleep`` per batch, ``verify_stable`` (the slot must not change while held), and
-``die`` = {"how": "sigkill" | "sigterm" | "raise" | "close", "after": batches} to end the job badly.
+``die`` = {"how": "sigkill" | "sigterm" | "raise" | "close", "after": batches} to end the job badly,
+``stall`` = {"after": batches, "seconds": s} to stop consuming for a while (as in a long evaluation).
 """
 
 import hashlib
@@ -36,13 +37,15 @@ with DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), attach_t
             done += 1
             images = batch["images"]
             digest = [hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in images]
-            time.sleep(spec.get("sleep", 0))
-            if spec.get("verify_stable"):  # the producer must not have overwritten the slot meanwhile
+            stall = spec.get("stall") and done - 1 == spec["stall"]["after"]
+            time.sleep(spec["stall"]["seconds"] if stall else spec.get("sleep", 0))
+            if spec.get("verify_stable") or stall:  # the producer must not have overwritten the slot meanwhile
                 assert digest == [hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in images], "slot reused"
             batches.append({"epoch": loader.epoch, "indices": batch["indices"].tolist(), "at": time.monotonic(),
                             "labels": batch["labels"].tolist(), "shape": list(images.shape),
                             "dtype": str(images.dtype), "digest": digest})
         passes.append({"epoch": loader.epoch, "batches": batches})
-    result = {"passes": passes, "len": len(loader), "stop_reason": loader.stop_reason}
+    result = {"passes": passes, "len": len(loader), "stop_reason": loader.stop_reason,
+              "missed": loader.missed_samples, "excluded": loader.excluded_samples}
 with open(spec["out"], "w") as f:
     json.dump(result, f)

@@ -237,6 +237,26 @@ def test_a_job_that_dies_or_leaves_releases_its_slots_and_the_others_go_on(datas
         assert sorted(epoch_indices(p["batches"])) == list(range(N))
 
 
+def test_a_stalled_job_is_suspended_the_others_go_on_and_it_resumes_with_an_account(dataset, tmp_path):
+    # the runner needs ~7 s for its 6 epochs; the staller stops for 4 s after its second batch
+    with Server(dataset, "--batch-size", "4", "--slots", "4", "--epochs", "6", "--stall-timeout", "1",
+                "--min-consumers", "2") as server:
+        staller = Job(tmp_path / "staller.json", batch_size=4, passes=6, stall={"after": 1, "seconds": 4})
+        runner = Job(tmp_path / "runner.json", batch_size=4, passes=6, sleep=0.15)
+        fast, slow = runner.result(), staller.result()
+    log = server.log()
+    assert "held the others back" in log and "resumed after batch" in log, log
+    stamps = [b["at"] for p in fast["passes"] for b in p["batches"]]
+    assert max(b - a for a, b in zip(stamps, stamps[1:])) < 4, "the others waited for the staller"
+    for p in fast["passes"]:
+        assert sorted(epoch_indices(p["batches"])) == list(range(N))
+    seen = [epoch_indices(p["batches"]) for p in slow["passes"]]
+    assert all(len(s) == len(set(s)) for s in seen), "a sample came twice within an epoch"
+    assert slow["missed"] > 0
+    epochs = max(p["epoch"] for p in slow["passes"] if p["batches"]) + 1  # from epoch 0 to its last
+    assert sum(map(len, seen)) + slow["missed"] == N * epochs  # every sample seen or counted missed
+
+
 def ghost_hello(version: int = protocol.PROTOCOL_VERSION, wait_for_answer: bool = False) -> None:
     """A peer that says hello and closes its socket, before or after the producer's answer, while
     its process (this one) lives on."""
