@@ -97,15 +97,21 @@ class DaliShareIterator:
         copy: yield tensors the job owns instead of views of the ring.
         attach_timeout: seconds to wait for the producer to answer, then `ProducerNotFound`.
         batch_timeout: seconds to wait for the next batch from a live producer, then `ProducerLost`.
+        reconnect: when the producer dies, fails or is stopped by a signal, wait up to
+            ``reconnect_timeout`` seconds for a new producer of the same name and go on with it
+            (the pass in progress ends there); without it, that is `ProducerLost` or the end.
     """
 
     def __init__(self, name: str = "default", batch_size: int | None = None, device=None,
                  augment: Callable | None = None, *, copy: bool = False, attach_timeout: float = 60.0,
-                 batch_timeout: float = 600.0, heartbeat_interval: float = 1.0):
+                 batch_timeout: float = 600.0, heartbeat_interval: float = 1.0, reconnect: bool = False,
+                 reconnect_timeout: float = 600.0):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         self.name = runtime.check_name(name)
         self.augment, self.copy, self.batch_timeout = augment, copy, batch_timeout
+        self.reconnect, self.reconnect_timeout, self._heartbeat_interval = reconnect, reconnect_timeout, heartbeat_interval
+        self._requested_batch_size = batch_size
         self.device = torch.device(device) if device is not None else None
         self.epoch: int | None = None
         self.stop_reason: str | None = None
@@ -117,32 +123,72 @@ class DaliShareIterator:
         self._current: _ProducerBatch | None = None
         self._deferred: list[int] = []  # seqs of slots whose views were yielded at the last step
         self._epoch_over = True
-        self._ring = self._heartbeat = None
+        self._ring = self._heartbeat = self._sock = None
+        self._slot_tensors: list[torch.Tensor] = []
+        self.job_id: int | None = None
         self._endpoint = runtime.endpoint(name)
         self._failure: str | None = None  # the producer's own error, when it stopped by failing
+        self._stop_kind: str | None = None
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
         try:
-            self._sock.connect(self._endpoint)
-            welcome = self._attach(attach_timeout)
-            self.job_id, self.producer_pid = welcome.job_id, welcome.producer_pid
-            self._producer_started = runtime.process_start(welcome.producer_pid)
-            self.classes, self.samples_per_epoch = welcome.classes, welcome.epoch_size
-            self.producer_batch_size = welcome.batch_size
-            self.batch_size = batch_size or welcome.batch_size
-            self._sample_shape = tuple(welcome.sample_shape)
-            self._dtype = getattr(torch, welcome.dtype)
-            self._ring = attach_ring(RingLayout.from_wire(welcome.ring))
-            with warnings.catch_warnings():  # the mapping is read-only on purpose
-                warnings.simplefilter("ignore", UserWarning)
-                self._slot_tensors = [torch.frombuffer(self._ring.slot(k), dtype=torch.uint8)
-                                      for k in range(self._ring.layout.slots)]
-            self._heartbeat = _Heartbeat(self._ctx, self._endpoint, self.job_id, heartbeat_interval)
-            self._heartbeat.start()
+            self._connect(attach_timeout)
         except BaseException:
             self.close()
             raise
+
+    def _connect(self, timeout: float) -> None:
+        """Attach to the producer serving ``name``: hello/welcome, map its ring, start the heartbeat."""
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self._endpoint)
+        welcome = self._attach(timeout)
+        self.job_id, self.producer_pid = welcome.job_id, welcome.producer_pid
+        self._producer_started = runtime.process_start(welcome.producer_pid)
+        self.classes, self.samples_per_epoch = welcome.classes, welcome.epoch_size
+        self.producer_batch_size = welcome.batch_size
+        self.batch_size = self._requested_batch_size or welcome.batch_size
+        self._sample_shape = tuple(welcome.sample_shape)
+        self._dtype = getattr(torch, welcome.dtype)
+        self._ring = attach_ring(RingLayout.from_wire(welcome.ring))
+        with warnings.catch_warnings():  # the mapping is read-only on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self._slot_tensors = [torch.frombuffer(self._ring.slot(k), dtype=torch.uint8)
+                                  for k in range(self._ring.layout.slots)]
+        self._heartbeat = _Heartbeat(self._ctx, self._endpoint, self.job_id, self._heartbeat_interval)
+        self._heartbeat.start()
+
+    def _disconnect(self) -> None:
+        """Say goodbye (if attached), stop the heartbeat, close the socket, unmap the ring."""
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        if self._sock is not None and not self._sock.closed:
+            if self.job_id is not None:
+                try:
+                    self._sock.send(protocol.encode(Bye(self.job_id, "closed")), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            self._sock.close(linger=100)
+        self._current, self._slot_tensors, self.job_id = None, [], None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+
+    def _reconnect(self, why: str) -> None:
+        """``reconnect=True``: forget the lost producer (its batches, views and slots) and attach
+        to its successor. The pass in progress ends here."""
+        log.warning("producer %r (pid %d) %s; waiting up to %.0f s for a new one", self.name,
+                    self.producer_pid, why, self.reconnect_timeout)
+        self._disconnect()
+        self._pending.clear()
+        self._deferred.clear()  # their seqs mean other slots to the next producer
+        self._last = self.stop_reason = self._failure = self._stop_kind = None
+        self._epoch_over, self.epoch = True, None
+        try:
+            self._connect(self.reconnect_timeout)
+        except ProducerNotFound as exc:
+            raise ProducerLost(f"producer {self.name!r} {why}, and no new one came: {exc}") from None
+        log.warning("job %d attached to the new producer %r (pid %d)", self.job_id, self.name, self.producer_pid)
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -160,21 +206,9 @@ class DaliShareIterator:
 
     def close(self) -> None:
         """Detach from the producer, stop the heartbeat, unmap the ring. Safe to call twice."""
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
-        if not self._sock.closed:
-            if getattr(self, "job_id", None) is not None:
-                try:
-                    self._sock.send(protocol.encode(Bye(self.job_id, "closed")), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-            self._sock.close(linger=100)
+        self._disconnect()
+        if not self._ctx.closed:
             self._ctx.term()
-        self._current, self._slot_tensors = None, []
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
 
     def __enter__(self) -> "DaliShareIterator":
         return self
@@ -314,13 +348,18 @@ class DaliShareIterator:
             if self._sock.poll(POLL_S * 1000):
                 self._receive_all()
             elif not runtime.pid_alive(self.producer_pid, self._producer_started):
+                if self.reconnect:
+                    return self._reconnect("died")
                 raise ProducerLost(
                     f"producer {self.name!r} (pid {self.producer_pid}) died; restart it with "
-                    f"`dalishare serve ... --name {self.name}` and restart this job")
+                    f"`dalishare serve ... --name {self.name}` and restart this job "
+                    f"(or pass reconnect=True to wait for it)")
             elif time.monotonic() > deadline:
                 raise ProducerLost(
                     f"producer {self.name!r} (pid {self.producer_pid}) is alive but sent no batch for "
                     f"{self.batch_timeout:.0f} s; check its log (is another job holding it back?)")
+        if self.reconnect and (self._failure or self._stop_kind == "stopped"):
+            return self._reconnect(f"stopped ({self._failure or self.stop_reason})")
         if self._failure:
             raise ProducerLost(f"producer {self.name!r} (pid {self.producer_pid}) failed: {self._failure}; "
                                f"fix the cause in its log, restart it and this job")
@@ -341,7 +380,7 @@ class DaliShareIterator:
             elif isinstance(msg, Suspended):
                 self._resume_after_suspension(msg)
             elif isinstance(msg, Stop):
-                self.stop_reason = msg.reason
+                self.stop_reason, self._stop_kind = msg.reason, msg.kind
                 self._pending.clear()
                 if msg.kind == "failed":
                     self._failure = msg.reason

@@ -150,22 +150,6 @@ def test_a_job_attaching_mid_epoch_gets_the_resident_rest_then_whole_epochs(data
     assert sorted(a_orders[0]) == sorted(a_orders[1]) == list(range(N))
 
 
-def test_sigterm_and_sigint_stop_the_producer_cleanly(dataset, tmp_path):
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with Server(dataset, "--batch-size", "8") as server:
-            with DaliShareIterator("t", batch_size=8, attach_timeout=30) as loader:
-                it = iter(loader)
-                first = next(it)["indices"].tolist()
-                server.proc.send_signal(sig)
-                assert server.wait(30) == 0
-                rest = [b["indices"].tolist() for b in it]  # the pass ends instead of hanging
-                assert list(loader) == []  # and so does every later pass
-            assert loader.stop_reason == f"stopped by {sig.name}"
-            got = first + sum(rest, [])
-            assert len(got) == len(set(got)) < N  # a stopped epoch is short, never duplicated
-            assert f"stopping 't': stopped by {sig.name}" in server.log()
-
-
 def test_attaching_to_a_name_nobody_serves_fails_after_the_timeout():
     start = time.monotonic()
     with pytest.raises(ProducerNotFound, match="no producer named 'nobody'"):
@@ -195,24 +179,6 @@ def test_producers_of_different_names_serve_side_by_side(dataset, tmp_path):
         one_res, two_res = one.result(), two.result()
     assert sorted(epoch_indices(one_res["passes"][0]["batches"])) == list(range(N))
     assert sorted(epoch_indices(two_res["passes"][0]["batches"])) == list(range(5))
-
-
-def test_a_killed_producer_becomes_producer_lost_and_cleanup_removes_its_leftovers(dataset):
-    from dalishare import ProducerLost
-
-    with Server(dataset, "--batch-size", "4", "--slots", "2") as server:
-        with DaliShareIterator("t", batch_size=4, attach_timeout=30) as loader:
-            it = iter(loader)
-            next(it)
-            server.proc.send_signal(signal.SIGKILL)
-            server.wait(10)
-            start = time.monotonic()
-            with pytest.raises(ProducerLost, match=rf"producer 't' \(pid {server.proc.pid}\) died"):
-                for _ in it:  # the two resident batches, then the wait that notices the death
-                    pass
-            assert time.monotonic() - start < 3
-    removed = runtime.clean_stale()
-    assert any(f".{server.proc.pid}" in r for r in removed) and any(r.endswith("t.sock") for r in removed)
 
 
 @pytest.mark.parametrize("after", [0, 1], ids=["idle", "mid-batch"])
@@ -290,7 +256,18 @@ def test_peers_gone_before_their_welcome_hold_no_slots_and_wrong_versions_are_re
     assert "unreachable" in server.log()
 
 
-def test_a_producer_that_fails_mid_epoch_raises_producer_lost_in_its_jobs(dataset, tmp_path):
+def end_producer(server: Server, how: str, data) -> None:
+    import shutil
+
+    if how == "exception":
+        shutil.rmtree(data)  # every later read fails: all files excluded, then the producer gives up
+    else:
+        server.proc.send_signal({"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[how])
+
+
+@pytest.mark.parametrize("state", ["idle", "mid-batch"])
+@pytest.mark.parametrize("how", ["sigkill", "sigterm", "sigint", "exception"])
+def test_a_producer_that_ends_badly_never_leaves_a_job_hanging(dataset, tmp_path, how, state):
     import shutil
 
     from dalishare import ProducerLost
@@ -299,9 +276,44 @@ def test_a_producer_that_fails_mid_epoch_raises_producer_lost_in_its_jobs(datase
     with Server(data, "--batch-size", "4", "--slots", "2") as server:
         with DaliShareIterator("t", batch_size=4, attach_timeout=30) as loader:
             it = iter(loader)
-            next(it)
-            shutil.rmtree(data)  # every later read fails: all files excluded, then the producer gives up
-            with pytest.raises(ProducerLost, match="failed: DatasetError: none of the 30 files"):
-                for _ in it:
-                    pass
-        assert server.wait(30) != 0
+            got = next(it)["indices"].tolist() if state == "mid-batch" else []
+            end_producer(server, how, data)
+            start = time.monotonic()
+            if how in ("sigterm", "sigint"):  # orderly: the pass ends, with the reason
+                got += [i for b in it for i in b["indices"].tolist()]
+                assert list(loader) == []  # and so does every later pass
+                assert loader.stop_reason == f"stopped by {how.upper()}"
+                assert len(got) == len(set(got)) < N
+            else:
+                match = "died" if how == "sigkill" else "failed: DatasetError: none of the 30 files"
+                with pytest.raises(ProducerLost, match=rf"producer 't' \(pid {server.proc.pid}\) {match}"):
+                    for _ in it:  # what was already announced, then the wait that notices the end
+                        pass
+            assert time.monotonic() - start < 3
+        code = server.wait(30)
+    assert code == {"sigkill": -signal.SIGKILL, "exception": 2}.get(how, 0), server.log()
+    if how == "sigkill":  # it could not clean up: the next serve or `dalishare cleanup` does
+        removed = runtime.clean_stale()
+        assert any(f".{server.proc.pid}" in r for r in removed) and any(r.endswith("t.sock") for r in removed)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_with_reconnect_a_job_goes_on_with_the_next_producer(dataset, how):
+    with Server(dataset, "--batch-size", "4", "--slots", "2") as first:
+        loader = DaliShareIterator("t", batch_size=4, attach_timeout=30, reconnect=True, reconnect_timeout=60)
+        it = iter(loader)
+        next(it)
+        end_producer(first, how, dataset)
+        first.wait(30)
+    try:
+        with Server(dataset, "--batch-size", "4", "--epochs", "1", "--seed", "3") as second:
+            rest = [b["indices"].tolist() for b in it]  # the interrupted pass ends
+            epoch = [i for b in loader for i in b["indices"].tolist()]  # a whole epoch of the new one
+            assert loader.producer_pid == second.proc.pid
+            # the new producer of the name removed what the killed one left
+            assert not list(runtime.SHM_DIR.glob(f"dalishare.t.{first.proc.pid}"))
+            assert second.wait(30) == 0
+    finally:
+        loader.close()
+    assert all(len(b) <= 4 for b in rest)
+    assert sorted(epoch) == list(range(N))
