@@ -28,7 +28,7 @@ from .stage import build_pipeline, find_undecodable, load_stage
 
 log = logging.getLogger(__name__)
 
-REAP_INTERVAL_S = 0.5
+REAP_INTERVAL_S = 0.25  # how often to look for dead jobs and stalls
 
 
 @dataclass
@@ -148,7 +148,7 @@ class Producer:
                 self._produce()
             elif self._done and all(self._jobs[j].suspended for s in self._slots for j in s.holders):
                 self.stop(f"finished {self.options.epochs} epochs")
-        log.info("stopping %r: %s (%d batches served, %d bad control messages dropped)",
+        log.info("stopping %r: %s (%d batches served, %d control messages dropped)",
                  self.options.name, self.stop_reason, self.batches_served, self.bad_messages)
 
     def _can_produce(self) -> bool:

@@ -5,13 +5,20 @@ NOTE [ Slot ownership ]
 - Creation. The producer creates the ring's memory once, before it accepts jobs, and is its only
   writer. A job maps the ring read-only at attach (the layout arrives in the ``Welcome`` message) and
   never writes to it: a job that tried would fault instead of corrupting its neighbours' batches.
-- Writing. The producer writes slot k only while no live job holds it. A slot becomes held by every
-  job that is sent its ``Batch`` announcement (at production, or at attach for the resident batches
-  of the current epoch) and stops being held by a job when that job sends ``Release`` for it or is
-  declared dead. Slots are reused in ring order (seq % slots), so the producer waits on the oldest.
-- Reading. A job reads a slot between receiving its announcement and sending its release. Views it
-  yields stay valid until its iterator's next step; it releases a slot at that next step, or right
-  after copying out of it when a job batch spans producer batches.
+- Writing. The producer writes slot k only while no job holds it. A slot becomes held by every job
+  that is sent its ``Batch`` announcement (at production, at attach for the resident batches of the
+  current epoch, at resume after a suspension) and stops being held by a job when that job sends
+  ``Release`` for it, says ``Bye``, or is declared dead (its process is gone, or its socket is). The
+  producer fills the free slot holding the oldest batch, so the newest stay resident for late jobs.
+- Reading. A job reads a slot between receiving its announcement and sending its release, in
+  announcement order. Views it yields stay valid until its iterator's next step; it releases a slot
+  at that next step, or right after copying out of it when a job batch spans producer batches.
+  So the slots a job may be reading at any moment are its two oldest held ones.
+- Stalls. A live job that held the producer back for longer than ``--stall-timeout`` is suspended:
+  it keeps its two oldest slots (the only ones it may be reading), loses its hold on the others,
+  and gets no announcements until it resumes. Before taking each new batch from its queue a job
+  reads its socket, so it sees ``Suspended`` (which voids its other announcements) before it could
+  read a slot that was freed under it.
 - Unlinking. The producer unlinks the segment when it stops (also on SIGINT/SIGTERM). A job's
   mapping stays valid after the unlink and is unmapped when the job closes.
 - Death. The kernel keeps no link from a dead producer to its segment: a producer that was killed

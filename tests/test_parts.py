@@ -111,6 +111,17 @@ def test_second_producer_of_a_name_is_refused_and_cleanup_removes_dead_owners_fi
     assert not runtime.socket_path("ghost").exists() and not runtime.lock_path("ghost").exists()
 
 
+def test_cleanup_command_removes_what_dead_producers_left():
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    seg = runtime.SHM_DIR / runtime.shm_name("ghost", int(dead))
+    seg.write_bytes(b"x")
+    runtime.socket_path("ghost").write_text("")
+    proc = subprocess.run([sys.executable, "-m", "dalishare", "cleanup"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "removed 2 stale files" in proc.stdout, proc.stdout + proc.stderr
+    assert not seg.exists() and not runtime.socket_path("ghost").exists()
+
+
 def test_runtime_dir_is_private(no_leaks: Path):
     assert runtime.runtime_dir() == no_leaks
     assert (no_leaks.stat().st_mode & 0o777) == 0o700
@@ -120,3 +131,17 @@ def test_ci_runs_the_readme_test_command():
     root = Path(__file__).parents[1]
     command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert command in (root / "README.md").read_text()
+
+
+def test_find_undecodable_names_missing_empty_and_garbage_files_with_a_reason(tmp_path):
+    from dalishare.stage import find_undecodable
+
+    make_dataset(tmp_path / "d", {"a": 2})
+    good = sorted((tmp_path / "d" / "a").iterdir())
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("no image")
+    files = [good[0], tmp_path / "gone.jpg", tmp_path / "empty.jpg", tmp_path / "text.jpg", good[1]]
+    bad = find_undecodable(load_stage(RESNET), files)
+    assert sorted(bad) == [1, 2, 3]
+    assert bad[1].startswith("FileNotFoundError") and bad[2] == "ValueError: empty file"
+    assert bad[3].startswith("fn.decoders.image:") and "\n" not in bad[3]

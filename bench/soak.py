@@ -1,0 +1,164 @@
+"""Soak: one producer for N minutes while jobs join, leave, stall and get killed at random.
+
+    python bench/soak.py [--minutes 10] [--jobs 4] [--seed 0] [--out FILE]
+
+At the end it prints: batches served, jobs seen, for every pass a job made over a whole epoch
+whether it got each decodable sample exactly once, leaked segments/sockets/processes (must be 0),
+and the producer's memory growth after warm-up (must stay under 10 %). The dataset is generated
+(with a few undecodable files among the images) in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE = ROOT / "pipelines" / "resnet.py"
+BEHAVIOURS = ("normal", "leave", "stall", "killed")
+
+
+def job_main(spec: dict) -> None:
+    """One job: attach, run passes, write what each pass got after every pass."""
+    from dalishare import DaliShareIterator
+
+    rng, passes = random.Random(spec["seed"]), []
+    with DaliShareIterator(spec["name"], batch_size=spec["batch_size"], attach_timeout=60) as loader:
+        for p in range(spec["passes"]):
+            missed_before, indices, stop_at = loader.missed_samples, [], None
+            if spec["behaviour"] == "leave" and p == spec["passes"] - 1:
+                stop_at = rng.randint(1, 5)
+            for n, batch in enumerate(loader):
+                indices += batch["indices"].tolist()
+                if spec["behaviour"] == "stall" and p == 0 and n == 2:
+                    time.sleep(spec["stall_s"])
+                time.sleep(spec["step_s"])
+                if stop_at is not None and n + 1 == stop_at:
+                    break  # then close: leaves mid-epoch
+            passes.append({"epoch": loader.epoch, "indices": indices, "complete": stop_at is None,
+                           "missed": loader.missed_samples - missed_before, "epoch_size": loader.samples_per_epoch})
+            Path(spec["out"]).write_text(json.dumps(passes))
+            if stop_at is not None or loader.stop_reason:
+                break
+
+
+def make_data(root: Path) -> tuple[Path, int]:
+    from dalishare.demo import PATTERNS, make_image_folder
+
+    make_image_folder(root, {p: 100 for p in PATTERNS})
+    (root / PATTERNS[0] / "zz_empty.jpg").write_bytes(b"")
+    (root / PATTERNS[1] / "zz_text.jpg").write_text("not an image")
+    return root, 3
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--jobs", type=int, default=4, help="jobs alive at most at once")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the report to this file")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job from a JSON spec
+    args = parser.parse_args()
+    if args.job:
+        return job_main(json.loads(args.job))
+
+    rng = random.Random(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="dalishare-soak-"))
+    os.environ["DALISHARE_RUNTIME_DIR"] = str(tmp / "run")
+    data, _ = make_data(tmp / "data")
+    name = "soak"
+    log = open(tmp / "producer.log", "w")
+    producer = subprocess.Popen([sys.executable, "-m", "dalishare", "serve", str(STAGE), "--data", str(data),
+                                 "--name", name, "--batch-size", "32", "--slots", "4", "--stall-timeout", "5"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    start = time.monotonic()
+    deadline, warmup_end = start + args.minutes * 60, start + max(60.0, args.minutes * 12)
+    jobs: list[dict] = []
+    rss_warm = None
+    while time.monotonic() < deadline:
+        alive = [j for j in jobs if j["proc"].poll() is None]
+        if len(alive) < args.jobs and rng.random() < 0.5:
+            behaviour = rng.choice(BEHAVIOURS)
+            spec = {"name": name, "batch_size": rng.choice([7, 16, 32, 50, 100]), "passes": rng.randint(1, 3),
+                    "behaviour": behaviour, "step_s": rng.choice([0.0, 0.02, 0.05]), "stall_s": 8.0,
+                    "seed": rng.random(), "out": str(tmp / f"job{len(jobs)}.json")}
+            proc = subprocess.Popen([sys.executable, __file__, "--job", json.dumps(spec)],
+                                    stdout=subprocess.DEVNULL, stderr=open(tmp / f"job{len(jobs)}.err", "w"))
+            jobs.append({"spec": spec, "proc": proc, "kill_at": time.monotonic() + rng.uniform(2, 30)
+                         if behaviour == "killed" else None})
+        for j in alive:
+            if j["kill_at"] and time.monotonic() > j["kill_at"]:
+                j["proc"].kill()
+        if rss_warm is None and time.monotonic() > warmup_end:
+            rss_warm = rss_kb(producer.pid)
+        time.sleep(rng.uniform(0.5, 2.0))
+    rss_end = rss_kb(producer.pid)
+    for j in jobs:
+        if j["proc"].poll() is None:
+            j["proc"].kill()
+        j["proc"].wait(timeout=30)
+    producer.send_signal(signal.SIGTERM)
+    code = producer.wait(timeout=60)
+    log.close()
+    print_report(args, tmp, jobs, code, rss_warm, rss_end, name)
+
+
+def print_report(args, tmp: Path, jobs: list[dict], code: int, rss_warm, rss_end, name: str) -> None:
+    from dalishare.dataset import scan
+
+    text = (tmp / "producer.log").read_text()
+    served = re.search(r"(\d+) batches served, (\d+) control messages dropped", text)
+    excluded = set(re.findall(r"excluded (\S+) \(sample (\d+)\)", text))
+    decodable = set(range(len(scan(tmp / "data")))) - {int(i) for _, i in excluded}
+    whole = ok = dup = 0
+    for j in jobs:
+        path = Path(j["spec"]["out"])
+        for p in json.loads(path.read_text()) if path.exists() else []:
+            dup += len(p["indices"]) != len(set(p["indices"]))
+            if p["complete"] and p["missed"] == 0 and len(p["indices"]) >= p["epoch_size"]:
+                whole += 1  # a pass over a whole epoch: it must be each decodable sample once
+                ok += sorted(p["indices"]) == sorted(decodable)
+    segments = [p.name for p in Path("/dev/shm").glob(f"dalishare.{name}.*")]
+    runtime_files = os.listdir(tmp / "run") if (tmp / "run").exists() else []
+    children = [j["proc"].pid for j in jobs if j["proc"].poll() is None]
+    growth = (rss_end - rss_warm) / rss_warm if rss_warm else float("nan")
+    kinds = {b: sum(j["spec"]["behaviour"] == b for j in jobs) for b in BEHAVIOURS}
+    failed = [j["spec"]["out"] for j in jobs if j["proc"].returncode not in (0, -signal.SIGKILL)]
+    lines = [
+        f"dalishare soak: {args.minutes:g} min, up to {args.jobs} jobs at once, seed {args.seed}, {os.cpu_count()} cores",
+        f"producer exit code: {code} (0 = clean stop on SIGTERM)",
+        f"batches served: {served.group(1) if served else '?'}; control messages dropped (malformed, or from "
+        f"jobs already gone): {served.group(2) if served else '?'}",
+        f"jobs seen: {len(jobs)} ({', '.join(f'{k} {v}' for k, v in kinds.items())}); "
+        f"suspensions: {text.count('held the others back')}, resumes: {text.count('resumed after batch')}",
+        f"jobs that failed (exit code other than 0, or a kill by the soak): {len(failed)} {failed}",
+        f"files excluded as undecodable: {len(excluded)}; decodable samples: {len(decodable)}",
+        f"whole-epoch passes: {whole}, each decodable sample exactly once: {ok}/{whole}; "
+        f"passes with a duplicate sample: {dup}",
+        f"leaked: segments {len(segments)}, runtime files {len(runtime_files)}, processes {len(children)}",
+        f"producer RSS: {rss_warm} kB after warm-up, {rss_end} kB at the end: growth {growth:+.1%} (limit +10%)",
+        f"logs and job records: {tmp}",
+    ]
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
