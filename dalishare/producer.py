@@ -146,8 +146,11 @@ class Producer:
                 next_reap = time.monotonic() + REAP_INTERVAL_S
             if self._can_produce():
                 self._produce()
-            elif self._done and all(self._jobs[j].suspended for s in self._slots for j in s.holders):
-                self.stop(f"finished {self.options.epochs} epochs")
+            elif self._done:  # the last epoch is out: stop once the jobs released it
+                if all(self._jobs[j].suspended for s in self._slots for j in s.holders):
+                    self.stop(f"finished {self.options.epochs} epochs")
+                else:  # a job stalling now holds the others back from their end
+                    self._blocked_since = self._blocked_since or time.monotonic()
         log.info("stopping %r: %s (%d batches served, %d control messages dropped)",
                  self.options.name, self.stop_reason, self.batches_served, self.bad_messages)
 
