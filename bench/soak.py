@@ -146,7 +146,7 @@ def print_report(args, tmp: Path, jobs: list[dict], code: int, rss_warm, rss_end
         f"batches served: {served.group(1) if served else '?'}; control messages dropped (malformed, or from "
         f"jobs already gone): {served.group(2) if served else '?'}",
         f"jobs seen: {len(jobs)} ({', '.join(f'{k} {v}' for k, v in kinds.items())}); "
-        f"suspensions: {text.count('held the others back')}, resumes: {text.count('resumed after batch')}",
+        f"suspensions: {text.count('suspended until it resumes')}, resumes: {text.count('resumed after batch')}",
         f"jobs that failed (exit code other than 0, or a kill by the soak): {len(failed)} {failed}",
         f"files excluded as undecodable: {len(excluded)}; decodable samples: {len(decodable)}",
         f"whole-epoch passes: {whole}, each decodable sample exactly once: {ok}/{whole}; "

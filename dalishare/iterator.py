@@ -179,6 +179,9 @@ class DaliShareIterator:
         to its successor. The pass in progress ends here."""
         log.warning("producer %r (pid %d) %s; waiting up to %.0f s for a new one", self.name,
                     self.producer_pid, why, self.reconnect_timeout)
+        deadline = time.monotonic() + self.reconnect_timeout
+        while runtime.pid_alive(self.producer_pid, self._producer_started) and time.monotonic() < deadline:
+            time.sleep(POLL_S)  # until it is gone, its socket could swallow our hello
         self._disconnect()
         self._pending.clear()
         self._deferred.clear()  # their seqs mean other slots to the next producer
@@ -197,6 +200,7 @@ class DaliShareIterator:
 
     def __iter__(self):
         self._skip_rest_of_epoch()
+        self._receive_all()  # a Suspended message may void the queued head
         head = self._peek()
         if head is None:
             return
@@ -381,6 +385,8 @@ class DaliShareIterator:
                 self._resume_after_suspension(msg)
             elif isinstance(msg, Stop):
                 self.stop_reason, self._stop_kind = msg.reason, msg.kind
+                if msg.kind == "finished":  # only a suspended job still has some: it missed them
+                    self.missed_samples += sum(m.count for m in self._pending)
                 self._pending.clear()
                 if msg.kind == "failed":
                     self._failure = msg.reason

@@ -40,6 +40,7 @@ class _Job:
     started: int | None = None  # the job process's start time, to tell it from a later one with its pid
     silent: bool = False      # warned about a missing heartbeat
     suspended: bool = False   # stalled: gets no announcements until it resumes
+    last_progress: float = field(default_factory=time.monotonic)  # its last release (or attach, resume)
     next_probe: float = 0.0   # when to check a silent job's socket again
 
 
@@ -112,7 +113,9 @@ class Producer:
             sock.bind(runtime.endpoint(opts.name))
             self._ring, self._sock = ring, sock
             self._slots = [_Slot() for _ in range(opts.slots)]
-            self._seq, self._started, self._done, self._blocked_since = 0, False, False, None
+            self._seq, self._started, self._done = 0, False, False
+            if opts.slots < 3:
+                log.warning("with fewer than 3 slots a stalled job cannot be suspended (it keeps 2)")
             log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots, at %s",
                      opts.name, len(dataset), len(dataset.classes), opts.batch_size, self._sample_shape,
                      self._dtype, opts.slots, runtime.endpoint(opts.name))
@@ -146,23 +149,17 @@ class Producer:
                 next_reap = time.monotonic() + REAP_INTERVAL_S
             if self._can_produce():
                 self._produce()
-            elif self._done:  # the last epoch is out: stop once the jobs released it
-                if all(self._jobs[j].suspended for s in self._slots for j in s.holders):
-                    self.stop(f"finished {self.options.epochs} epochs")
-                else:  # a job stalling now holds the others back from their end
-                    self._blocked_since = self._blocked_since or time.monotonic()
+            elif self._done and all(self._jobs[j].suspended for s in self._slots for j in s.holders):
+                self.stop(f"finished {self.options.epochs} epochs")  # the jobs released the last epoch
         log.info("stopping %r: %s (%d batches served, %d control messages dropped)",
                  self.options.name, self.stop_reason, self.batches_served, self.bad_messages)
 
     def _can_produce(self) -> bool:
-        if self._done or not self._jobs:
+        if self._done or all(job.suspended for job in self._jobs.values()):  # nobody to produce for
             return False
         if not self._started and len(self._jobs) < self.options.min_consumers:
             return False
-        if self._free_slot() is None:
-            self._blocked_since = self._blocked_since or time.monotonic()
-            return False
-        return True
+        return self._free_slot() is not None
 
     def _free_slot(self) -> int | None:
         """The free slot holding the oldest batch (the newest stay resident for late jobs), or None."""
@@ -206,6 +203,9 @@ class Producer:
     def _produce(self) -> None:
         images, plan = self._ready if self._ready is not None else self._next_output()
         self._ready = None
+        if self.options.epochs is not None and plan.epoch >= self.options.epochs:
+            self._done = True  # the last epoch's tail was undecodable, so no batch was marked last
+            return
         if list(images.shape[1:]) != self._sample_shape:
             raise ConfigError(f"the stage produced samples of shape {list(images.shape[1:])} after "
                               f"{self._sample_shape}: it must output one fixed shape (add a crop)")
@@ -220,7 +220,6 @@ class Producer:
             if not job.suspended:
                 self._announce(job, slot)
         self._seq += 1
-        self._blocked_since = None
         self._started = True
         self.batches_served += 1
         if plan.last and self.options.epochs is not None and plan.epoch + 1 >= self.options.epochs:
@@ -263,6 +262,8 @@ class Producer:
             self._drop(f"{type(msg).__name__} for unknown job")
             return
         job.last_seen, job.silent = time.monotonic(), False
+        if isinstance(msg, Release):
+            job.last_progress = job.last_seen
         if isinstance(msg, Release):
             for slot in self._slots:
                 if slot.batch is not None and slot.batch.seq == msg.seq:
@@ -344,32 +345,41 @@ class Producer:
                                 "the jobs wait for it", job.id, job.pid, now - job.last_seen)
 
     def _suspend_stallers(self, now: float) -> None:
-        """Suspend the jobs that held the producer back for longer than the stall timeout.
+        """Suspend the jobs that held the others back for longer than the stall timeout.
 
-        A suspended job keeps its two oldest slots (the only ones it can be reading: it consumes in
-        order and looks for a `Suspended` before each new batch); its other slots are freed for the
-        others. See NOTE [ Slot ownership ] in ring.py.
+        A job stalls when it released nothing for ``stall_timeout`` while holding slots that another
+        job waits for: the producer has no free slot (or has served its last epoch) and some other
+        active job holds nothing, having consumed all it was given. A suspended job keeps its two
+        oldest slots (the only ones it can be reading: it consumes in order and looks for a
+        `Suspended` before each new batch); its other slots are freed. See NOTE [ Slot ownership ].
         """
-        timeout = self.options.stall_timeout
-        if self._blocked_since is None or now - self._blocked_since < timeout:
+        if len(self._slots) < 3 or (self._free_slot() is not None and not self._done):
             return
-        for job in self._jobs.values():
-            held = sorted((s.batch.seq, s) for s in self._slots if job.id in s.holders)
-            if job.suspended or not held or now - min(s.holders[job.id] for _, s in held) < timeout:
+        self._handle_messages(timeout_ms=0)  # count releases already sent: they change what a job holds
+        held = {job.id: sorted(((s.batch.seq, k) for k, s in enumerate(self._slots) if job.id in s.holders))
+                for job in self._jobs.values()}
+        active = [job for job in self._jobs.values() if not job.suspended]
+        if not any(not held[job.id] for job in active):  # nobody is waiting
+            return
+        for job in active:
+            if not held[job.id] or now - job.last_progress < self.options.stall_timeout:
                 continue
             job.suspended = True
-            for _, slot in held[2:]:
-                slot.holders.pop(job.id)
-            kept = [seq for seq, _ in held[:2]]
-            self._send(job, Suspended(f"held the other jobs back for more than {timeout:g} s", kept))
-            log.warning("job %d (pid %d) held the others back for %.0f s: suspended until it resumes "
-                        "(it keeps slots of batches %s)", job.id, job.pid, now - self._blocked_since, kept)
+            for _, k in held[job.id][2:]:
+                self._slots[k].holders.pop(job.id)
+            kept = [seq for seq, _ in held[job.id][:2]]
+            self._send(job, Suspended(f"held the other jobs back for more than {self.options.stall_timeout:g} s",
+                                      kept))
+            log.warning("job %d (pid %d) released nothing for %.0f s and held the others back: suspended "
+                        "until it resumes (it keeps slots of batches %s)", job.id, job.pid,
+                        now - job.last_progress, kept)
 
     def _resume(self, job: _Job, after_seq: int) -> None:
         if not job.suspended:
             return
-        job.suspended = False
-        resident = [s for s in self._resident_of_current_epoch() if s.batch.seq > after_seq]
+        job.suspended, job.last_progress = False, time.monotonic()
+        resident = sorted((s for s in self._slots if s.batch is not None and s.batch.seq > after_seq),
+                          key=lambda s: s.batch.seq)
         for slot in resident:
             self._announce(job, slot)
         log.info("job %d (pid %d) resumed after batch %d; sent it %d resident batches",

@@ -211,7 +211,7 @@ def test_a_stalled_job_is_suspended_the_others_go_on_and_it_resumes_with_an_acco
         runner = Job(tmp_path / "runner.json", batch_size=4, passes=6, sleep=0.15)
         fast, slow = runner.result(), staller.result()
     log = server.log()
-    assert "held the others back" in log and "resumed after batch" in log, log
+    assert "suspended until it resumes" in log and "resumed after batch" in log, log
     stamps = [b["at"] for p in fast["passes"] for b in p["batches"]]
     assert max(b - a for a, b in zip(stamps, stamps[1:])) < 4, "the others waited for the staller"
     for p in fast["passes"]:
@@ -221,6 +221,16 @@ def test_a_stalled_job_is_suspended_the_others_go_on_and_it_resumes_with_an_acco
     assert slow["missed"] > 0
     epochs = max(p["epoch"] for p in slow["passes"] if p["batches"]) + 1  # from epoch 0 to its last
     assert sum(map(len, seen)) + slow["missed"] == N * epochs  # every sample seen or counted missed
+
+
+@pytest.mark.parametrize("case", ["lone job pauses", "steady slow job"])
+def test_a_job_nobody_waits_for_or_that_keeps_releasing_is_never_suspended(dataset, tmp_path, case):
+    spec = {"stall": {"after": 0, "seconds": 3}} if case == "lone job pauses" else {"sleep": 0.6}
+    with Server(dataset, "--batch-size", "4", "--slots", "4", "--epochs", "1", "--stall-timeout", "1") as server:
+        res = Job(tmp_path / "job.json", batch_size=4, passes=1, **spec).result()
+    assert "suspended" not in server.log(), server.log()
+    assert res["missed"] == 0
+    assert sorted(epoch_indices(res["passes"][0]["batches"])) == list(range(N))
 
 
 def ghost_hello(version: int = protocol.PROTOCOL_VERSION, wait_for_answer: bool = False) -> None:
