@@ -117,7 +117,7 @@ def run_jobs(target, args: tuple, n: int, timeout: float = 600) -> list[dict]:
             except queue.Empty:
                 failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if failed or time.monotonic() > deadline:
-                    raise RuntimeError(f"{target.__name__} jobs failed (exit codes {failed}) or timed out")
+                    raise RuntimeError(f"{target.__name__} jobs failed (exit codes {failed}) or timed out") from None
         return results
     finally:
         for p in procs:

@@ -49,6 +49,14 @@ class _ProducerBatch:
         return self.images[s], self.labels[s], self.indices[s]
 
 
+class _SlotReused(Exception):
+    """A slot no longer holds the batch this job was reading: the producer suspended the job."""
+
+    def __init__(self, lost: int):
+        super().__init__(f"{lost} samples lost")
+        self.lost = lost
+
+
 class _Heartbeat(threading.Thread):
     """Tells the producer this job is alive, even while the training thread is busy elsewhere."""
 
@@ -118,6 +126,7 @@ class DaliShareIterator:
         self.handoff_ns: deque[int] = deque(maxlen=100_000)  # announcement sent -> view ready
         self.excluded_samples = 0  # files the producer excluded because DALI cannot decode them
         self.missed_samples = 0    # samples skipped while this job was suspended for stalling
+        self._suspensions = 0
         self._last: Batch | None = None  # the last producer batch taken from the queue
         self._pending: deque[Batch] = deque()
         self._current: _ProducerBatch | None = None
@@ -224,6 +233,15 @@ class DaliShareIterator:
 
     def _next_batch(self) -> dict | None:
         self._release_deferred()
+        while True:
+            try:
+                return self._assemble()
+            except _SlotReused as exc:  # suspended while reading: the batch is lost, go on after it
+                self._current = None
+                self.missed_samples += exc.lost
+                self._await_suspension()
+
+    def _assemble(self) -> dict | None:
         if self._epoch_over:
             return None
         first = self._producer_batch()
@@ -246,6 +264,8 @@ class DaliShareIterator:
                 n = min(size - filled, part.remaining)
                 for out, piece in zip((images, labels, indices), part.take(n)):
                     out[filled : filled + n] = piece
+                if not self._ring.holds(part.msg.slot, part.msg.seq):  # rewritten while we copied
+                    raise _SlotReused(filled + n + part.remaining)
                 filled += n
                 self._finish_if_consumed(part, deferred=False)
             if filled < size:  # the epoch (or the producer) ended first: a last, smaller batch
@@ -271,6 +291,8 @@ class DaliShareIterator:
             images = self._slot_tensors[msg.slot][: msg.count * math.prod(self._sample_shape) * self._dtype.itemsize]
             images = images.view(self._dtype).view(msg.count, *self._sample_shape)
             self._current = _ProducerBatch(msg, images)
+            if not self._ring.holds(msg.slot, msg.seq):  # voided by a Suspended still on its way
+                raise _SlotReused(msg.count)
             self.handoff_ns.append(time.monotonic_ns() - msg.sent_ns)
         return self._current
 
@@ -393,9 +415,20 @@ class DaliShareIterator:
                 else:
                     log.warning("producer %r stopped: %s", self.name, msg.reason)
 
+    def _await_suspension(self) -> None:
+        """A slot changed under this job, so the producer suspended it: wait for that message."""
+        seen, deadline = self._suspensions, time.monotonic() + self.batch_timeout
+        while self._suspensions == seen and self._failure is None and self.stop_reason is None:
+            if time.monotonic() > deadline:
+                raise ProducerLost(f"a slot of producer {self.name!r} (pid {self.producer_pid}) changed under "
+                                   f"job {self.job_id}, and no suspension came within {self.batch_timeout:.0f} s")
+            if self._sock.poll(POLL_S * 1000):
+                self._receive_all()
+
     def _resume_after_suspension(self, msg: Suspended) -> None:
         """The producer suspended this job for stalling: drop the announcements it voided, say so,
         and ask to go on from the current position."""
+        self._suspensions += 1
         kept = set(msg.kept)
         voided = [m for m in self._pending if m.seq not in kept]
         self._pending = deque(m for m in self._pending if m.seq in kept)

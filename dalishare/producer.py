@@ -23,7 +23,7 @@ from .dataset import scan
 from .feed import EpochFeed, Plan
 from .errors import ConfigError, ProtocolError
 from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
-from .ring import create_ring
+from .ring import MAX_SLOTS, create_ring
 from .stage import build_pipeline, find_undecodable, load_stage
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class ServeOptions:
         for key in ("batch_size", "slots", "min_consumers"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
+        if self.slots > MAX_SLOTS:
+            raise ConfigError(f"--slots must be at most {MAX_SLOTS}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError("--epochs must be at least 1")
 
@@ -210,7 +212,7 @@ class Producer:
             raise ConfigError(f"the stage produced samples of shape {list(images.shape[1:])} after "
                               f"{self._sample_shape}: it must output one fixed shape (add a crop)")
         slot_index = self._free_slot()
-        self._ring.write(slot_index, images)
+        self._ring.write(slot_index, images, self._seq)
         slot = self._slots[slot_index]
         slot.batch = Batch(seq=self._seq, slot=slot_index, epoch=plan.epoch, start=plan.start,
                            count=len(plan.indices), last=plan.last, epoch_size=len(plan.order),

@@ -14,7 +14,7 @@ NOTE [ Slot ownership ]
   announcement order. Views it yields stay valid until its iterator's next step; it releases a slot
   at that next step, or right after copying out of it when a job batch spans producer batches.
   So the slots a job may be reading at any moment are its two oldest held ones.
-- Stalls. A live job that held the producer back for longer than ``--stall-timeout`` is suspended:
+- Stalls. A live job that released nothing for ``--stall-timeout`` while another waits is suspended:
   it keeps its two oldest slots (the only ones it may be reading), loses its hold on the others,
   and gets no announcements until it resumes. Before taking each new batch from its queue a job
   reads its socket, so it sees ``Suspended`` (which voids its other announcements) before it could
@@ -49,7 +49,7 @@ class RingLayout:
     kind: str          # "host": one POSIX shared-memory segment
     segment: str       # file name under /dev/shm
     slots: int
-    slot_bytes: int
+    slot_bytes: int    # the slots follow a header page: one int64 per slot, the seq it holds
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -60,33 +60,49 @@ class RingLayout:
                    slot_bytes=int(d["slot_bytes"]))
 
 
+HEADER_BYTES = 4096  # one int64 per slot: the seq of the batch a slot holds, -1 while it is written
+MAX_SLOTS = HEADER_BYTES // 8
+
+
+def _segment_bytes(layout: RingLayout) -> int:
+    return HEADER_BYTES + layout.slots * layout.slot_bytes
+
+
 class HostRing:
     """Slots in one ``/dev/shm`` segment, mode 0600. Producer side: created, writable, unlinked on close."""
 
     def __init__(self, name: str, slots: int, slot_bytes: int):
+        if not 1 <= slots <= MAX_SLOTS:
+            raise ValueError(f"a ring has 1 to {MAX_SLOTS} slots, not {slots}")
         self.layout = RingLayout("host", runtime.shm_name(name, os.getpid()), slots, slot_bytes)
         self._path = runtime.SHM_DIR / self.layout.segment
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, slots * slot_bytes)
-            self._map = mmap.mmap(fd, slots * slot_bytes)
+            os.ftruncate(fd, _segment_bytes(self.layout))
+            self._map = mmap.mmap(fd, _segment_bytes(self.layout))
         except BaseException:
             self._path.unlink(missing_ok=True)
             raise
         finally:
             os.close(fd)
-        self._array = np.frombuffer(self._map, dtype=np.uint8).reshape(slots, slot_bytes)
+        self._seqs = np.frombuffer(self._map, dtype=np.int64, count=slots)
+        self._seqs[:] = -1
+        self._array = np.frombuffer(self._map, dtype=np.uint8, offset=HEADER_BYTES).reshape(slots, slot_bytes)
 
-    def write(self, slot: int, batch) -> None:
-        """Copy a batch (any object with the array interface, e.g. a DALI CPU tensor) into ``slot``."""
+    def write(self, slot: int, batch, seq: int) -> None:
+        """Copy batch ``seq`` (any object with the array interface, e.g. a DALI CPU tensor) into
+        ``slot``. The slot's header says -1 during the copy and ``seq`` after it, so a reader can
+        tell a slot that changed under it (x86 keeps stores in order)."""
         src = np.asarray(batch)
         if src.nbytes > self.layout.slot_bytes:
             raise ValueError(f"batch of {src.nbytes} bytes does not fit a {self.layout.slot_bytes}-byte slot")
+        self._seqs[slot] = -1
         np.copyto(self._array[slot, : src.nbytes], src.reshape(-1).view(np.uint8))
+        self._seqs[slot] = seq
 
     def close(self) -> None:
         self._path.unlink(missing_ok=True)
-        self._array = None
+        self._array = self._seqs = None
         self._map.close()
 
 
@@ -101,16 +117,22 @@ class HostRingView:
         except FileNotFoundError:
             raise ProducerLost(f"ring segment {path} is gone: its producer stopped; start it again") from None
         try:
-            self._map = mmap.mmap(fd, layout.slots * layout.slot_bytes, prot=mmap.PROT_READ)
+            self._map = mmap.mmap(fd, _segment_bytes(layout), prot=mmap.PROT_READ)
         finally:
             os.close(fd)
+        self._seqs = np.frombuffer(self._map, dtype=np.int64, count=layout.slots)
 
     def slot(self, k: int) -> memoryview:
         """A read-only buffer over slot k (zero copy)."""
-        start = k * self.layout.slot_bytes
+        start = HEADER_BYTES + k * self.layout.slot_bytes
         return memoryview(self._map)[start : start + self.layout.slot_bytes]
 
+    def holds(self, k: int, seq: int) -> bool:
+        """Whether slot k still holds batch ``seq`` (checked after copying out of it)."""
+        return int(self._seqs[k]) == seq
+
     def close(self) -> None:
+        self._seqs = None
         try:
             self._map.close()
         except BufferError:

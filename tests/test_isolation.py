@@ -54,7 +54,7 @@ def _as_other_user(rundir: str, segment: str) -> dict:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
 def test_another_user_can_neither_attach_nor_read_batches(dataset, no_leaks):
-    with Server(dataset, "--batch-size", "8") as server:
+    with Server(dataset, "--batch-size", "8"):
         with DaliShareIterator("t", attach_timeout=30) as loader:  # the owner attaches fine
             next(iter(loader))
             segment = runtime.SHM_DIR / loader._ring.layout.segment

@@ -145,3 +145,20 @@ def test_find_undecodable_names_missing_empty_and_garbage_files_with_a_reason(tm
     assert sorted(bad) == [1, 2, 3]
     assert bad[1].startswith("FileNotFoundError") and bad[2] == "ValueError: empty file"
     assert bad[3].startswith("fn.decoders.image:") and "\n" not in bad[3]
+
+
+def test_a_slot_header_tells_a_reader_which_batch_the_slot_holds():
+    from dalishare.ring import HostRing, HostRingView
+
+    ring = HostRing("hdr", slots=3, slot_bytes=16)
+    view = HostRingView(ring.layout)
+    try:
+        assert not view.holds(1, 0)  # never written
+        ring.write(1, np.arange(16, dtype=np.uint8), seq=7)
+        assert view.holds(1, 7) and not view.holds(0, 7)
+        assert bytes(view.slot(1)) == bytes(range(16))
+        ring.write(1, np.zeros(16, dtype=np.uint8), seq=9)  # reused: a reader of batch 7 can tell
+        assert not view.holds(1, 7) and view.holds(1, 9)
+    finally:
+        view.close()
+        ring.close()
