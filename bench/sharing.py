@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dalishare.demo import join_or_kill
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "pipelines" / "resnet.py"
 HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera" / "train"
@@ -120,11 +122,7 @@ def run_jobs(target, args: tuple, n: int, timeout: float = 600) -> list[dict]:
                     raise RuntimeError(f"{target.__name__} jobs failed (exit codes {failed}) or timed out") from None
         return results
     finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        join_or_kill(procs)
 
 
 def with_producer(data: str, consumers: int, target, args: tuple) -> list[dict]:

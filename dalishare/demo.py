@@ -162,9 +162,13 @@ def _run_jobs(title: str, targets: list[tuple], total: int, timeout: float = 600
         try:
             while running:
                 try:
-                    label, n, loss = q.get(timeout=max(0.1, deadline - time.monotonic()))
+                    label, n, loss = q.get(timeout=1)
                 except queue.Empty:
-                    raise TimeoutError(f"{title} jobs made no progress for {timeout:.0f} s") from None
+                    failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if failed or time.monotonic() > deadline:
+                        raise RuntimeError(f"{title} jobs failed (exit codes {failed}) or ran past {timeout:.0f} s; "
+                                           f"see their output above") from None
+                    continue
                 s = stats[label]
                 if n is None:
                     s["end"], running = time.monotonic(), running - 1
@@ -174,12 +178,17 @@ def _run_jobs(title: str, targets: list[tuple], total: int, timeout: float = 600
                 s["losses"].append(loss)
                 progress.update(tasks[label], advance=n, loss=f"{loss:.3f}")
         finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-                    p.join(timeout=5)
+            join_or_kill(procs)
     return stats
+
+
+def join_or_kill(procs, timeout: float = 30.0) -> None:
+    """Join child processes, killing any that outlive ``timeout`` seconds."""
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
 
 
 def _rate(s: dict) -> float:
