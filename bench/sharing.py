@@ -92,8 +92,8 @@ def own_pipeline_job(data: str, warmup: int, batches: int, step_s: float, q) -> 
     ds, stage = scan(data), load_stage(STAGE)
     done, t0 = 0, None
     while done < warmup + batches:
-        for images in standalone_batches(stage, ds.files, BATCH):
-            if len(images) < BATCH:
+        for batch in standalone_batches(stage, ds.files, BATCH):
+            if batch.count < BATCH:
                 continue
             time.sleep(step_s)
             done += 1

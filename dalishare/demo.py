@@ -135,8 +135,9 @@ def alone_job(spec: JobSpec, data: str, epochs: int, num_classes: int, q) -> Non
     def batches(epoch):
         order = epoch_order(len(ds), 0, epoch)
         files = [ds.files[i] for i in order]
-        for start, images in zip(range(0, len(files), spec.batch_size),
-                                  standalone_batches(stage, files, spec.batch_size)):
+        for start, batch in zip(range(0, len(files), spec.batch_size),
+                                 standalone_batches(stage, files, spec.batch_size)):
+            images = batch.numpy()
             labels = torch.from_numpy(ds.labels[order[start : start + len(images)]])
             yield {"images": torch.from_numpy(images), "labels": labels}
 

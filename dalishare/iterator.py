@@ -22,8 +22,9 @@ import torch
 import zmq
 
 from . import protocol, runtime
-from .errors import ProducerLost, ProducerNotFound, ProtocolError
+from .errors import DalishareError, ProducerLost, ProducerNotFound, ProtocolError
 from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
+from .releases import SlotReleases
 from .ring import RingLayout, attach_ring
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,17 @@ class _SlotReused(Exception):
         self.lost = lost
 
 
+def _slot_tensors(ring) -> tuple[list[torch.Tensor], torch.device]:
+    """Zero-copy uint8 tensors over each slot of ``ring``, and the device they are on."""
+    if ring.device is None:  # host memory, mapped read-only on purpose
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return [torch.frombuffer(ring.slot(k), dtype=torch.uint8) for k in range(ring.layout.slots)], torch.device("cpu")
+    device = torch.device("cuda", ring.device)
+    with torch.cuda.device(device):
+        return [torch.from_dlpack(ring.slot(k)) for k in range(ring.layout.slots)], device
+
+
 class _Heartbeat(threading.Thread):
     """Tells the producer this job is alive, even while the training thread is busy elsewhere."""
 
@@ -87,20 +99,24 @@ class _Heartbeat(threading.Thread):
 class DaliShareIterator:
     """Batches from a shared dalishare producer, as torch tensors.
 
-    Each item is a dict: ``images`` (N, H, W, C) uint8 on the CPU (or on ``device``), ``labels``
-    and ``indices`` (int64, the samples' stable dataset indices). One pass over the iterator is one
+    Each item is a dict: ``images`` (N, H, W, C) uint8 where the ring is (the CPU, or the producer's
+    GPU) or on ``device``, ``labels`` and ``indices`` (int64, the samples' stable dataset indices,
+    on the same device). One pass over the iterator is one
     epoch (``loader.epoch`` says which); ``len(loader)`` is this job's batches per full epoch; the
     last batch of an epoch may be smaller than ``batch_size``. A job that attaches mid-epoch first
     gets the rest of that epoch.
 
-    ``images`` is a read-only view of shared memory (writing to it faults): it stays valid until the
-    iterator's next step. Keep it longer, or modify it in place, only after ``.clone()``, or pass
+    ``images`` is a view of the ring (no copy) when it lies inside one producer batch and ``device``
+    is where the ring is. Never write to it (host memory is mapped read-only, so that faults): it
+    stays valid until the iterator's next step. On a GPU ring the slot is released once the work
+    queued on the current CUDA stream by then has finished (an event, polled), so queue the work
+    that reads a batch on the current stream, or ``.clone()`` it. Keep it longer, or modify it in place, only after ``.clone()``, or pass
     ``copy=True``. ``augment`` is any callable applied to each batch dict; its result is yielded.
 
     Args:
         name: the producer's ``--name``.
         batch_size: this job's batch size (default: the producer's).
-        device: move batches to this torch device (default: where the ring is, the CPU).
+        device: where batches go (default: where the ring is). Another GPU or the CPU costs one copy.
         augment: callable applied to each batch dict on this job's side.
         copy: yield tensors the job owns instead of views of the ring.
         attach_timeout: seconds to wait for the producer to answer, then `ProducerNotFound`.
@@ -131,6 +147,7 @@ class DaliShareIterator:
         self._pending: deque[Batch] = deque()
         self._current: _ProducerBatch | None = None
         self._deferred: list[int] = []  # seqs of slots whose views were yielded at the last step
+        self._releases: SlotReleases | None = None
         self._epoch_over = True
         self._ring = self._heartbeat = self._sock = None
         self._slot_tensors: list[torch.Tensor] = []
@@ -159,15 +176,22 @@ class DaliShareIterator:
         self._sample_shape = tuple(welcome.sample_shape)
         self._dtype = getattr(torch, welcome.dtype)
         self._ring = attach_ring(RingLayout.from_wire(welcome.ring))
-        with warnings.catch_warnings():  # the mapping is read-only on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            self._slot_tensors = [torch.frombuffer(self._ring.slot(k), dtype=torch.uint8)
-                                  for k in range(self._ring.layout.slots)]
+        self._slot_tensors, self.ring_device = _slot_tensors(self._ring)
+        self._target = self.device or self.ring_device
+        self._releases = SlotReleases(self._release, self.ring_device if self.ring_device.type == "cuda" else None)
         self._heartbeat = _Heartbeat(self._ctx, self._endpoint, self.job_id, self._heartbeat_interval)
         self._heartbeat.start()
 
     def _disconnect(self) -> None:
         """Say goodbye (if attached), stop the heartbeat, close the socket, unmap the ring."""
+        if self._releases is not None:  # let the GPU finish reading the ring before leaving it
+            self._release_deferred()
+            try:
+                self._releases.wait_below(1, timeout=self.batch_timeout)
+            except DalishareError as exc:
+                log.warning("job %s leaves with GPU reads of the ring still in flight: %s", self.job_id, exc)
+            self._releases.forget()
+            self._releases = None
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
@@ -254,7 +278,7 @@ class DaliShareIterator:
                 images = images.clone()
         else:  # spans producer batches: assemble into a tensor this job owns, up to the epoch's end
             size = self.batch_size
-            images = torch.empty((size, *self._sample_shape), dtype=self._dtype)
+            images = torch.empty((size, *self._sample_shape), dtype=self._dtype, device=self.ring_device)
             labels, indices = torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=torch.int64)
             filled = 0
             while filled < size and not self._epoch_over:
@@ -271,8 +295,10 @@ class DaliShareIterator:
             if filled < size:  # the epoch (or the producer) ended first: a last, smaller batch
                 images, labels, indices = images[:filled], labels[:filled], indices[:filled]
         batch = {"images": images, "labels": labels, "indices": indices}
-        if self.device is not None and self.device.type != "cpu":
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self._target.type != "cpu":
+            batch = {k: v.to(self._target) for k, v in batch.items()}  # images: a copy unless already there
+        elif images.device.type != "cpu":
+            batch["images"] = images.cpu()  # synchronous
         return batch
 
     def _producer_batch(self) -> _ProducerBatch | None:
@@ -280,6 +306,7 @@ class DaliShareIterator:
         the next batch belongs to another epoch (if the epoch's last samples could not be decoded,
         the batch before them was not marked last)."""
         if self._current is None:
+            self._releases.wait_below(2, self.batch_timeout)  # a job reads only its two oldest slots
             self._receive_all()  # a Suspended message voids queued announcements: see it first
             head = self._peek()
             if head is None or head.epoch != self.epoch:
@@ -319,7 +346,7 @@ class DaliShareIterator:
         if deferred:  # a view of it was yielded: keep the slot until the next step
             self._deferred.append(part.msg.seq)
         else:
-            self._release(part.msg.seq)
+            self._releases.done_reading(part.msg.seq)
 
     def _skip_rest_of_epoch(self) -> None:
         """A new pass starts a new epoch: release what is left of an abandoned one."""
@@ -333,7 +360,7 @@ class DaliShareIterator:
 
     def _release_deferred(self) -> None:
         for seq in self._deferred:
-            self._release(seq)
+            self._releases.done_reading(seq)
         self._deferred.clear()
 
     def _release(self, seq: int) -> None:
@@ -371,7 +398,8 @@ class DaliShareIterator:
         """Receive until a batch is pending or the producer stopped; a dead producer raises `ProducerLost`."""
         deadline = time.monotonic() + self.batch_timeout
         while not self._pending and self.stop_reason is None and not self._failure:
-            if self._sock.poll(POLL_S * 1000):
+            self._releases.poll()  # the producer may be waiting for a slot our GPU just finished with
+            if self._sock.poll(self._poll_ms()):
                 self._receive_all()
             elif not runtime.pid_alive(self.producer_pid, self._producer_started):
                 if self.reconnect:
@@ -422,8 +450,12 @@ class DaliShareIterator:
             if time.monotonic() > deadline:
                 raise ProducerLost(f"a slot of producer {self.name!r} (pid {self.producer_pid}) changed under "
                                    f"job {self.job_id}, and no suspension came within {self.batch_timeout:.0f} s")
-            if self._sock.poll(POLL_S * 1000):
+            self._releases.poll()
+            if self._sock.poll(self._poll_ms()):
                 self._receive_all()
+
+    def _poll_ms(self) -> float:
+        return 1 if self._releases.in_flight else POLL_S * 1000
 
     def _resume_after_suspension(self, msg: Suspended) -> None:
         """The producer suspended this job for stalling: drop the announcements it voided, say so,

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import zmq
 
 from . import protocol, runtime
@@ -24,7 +23,7 @@ from .feed import EpochFeed, Plan
 from .errors import ConfigError, ProtocolError
 from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
 from .ring import MAX_SLOTS, create_ring
-from .stage import build_pipeline, find_undecodable, load_stage
+from .stage import StageBatch, build_pipeline, find_undecodable, load_stage, parse_device
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +71,7 @@ class ServeOptions:
             raise ConfigError(f"--slots must be at most {MAX_SLOTS}")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError("--epochs must be at least 1")
+        parse_device(self.device)  # a GPU that is not there fails here, in one line
 
 
 class Producer:
@@ -104,9 +104,10 @@ class Producer:
             self._feed = EpochFeed(dataset, opts.batch_size, opts.seed)
             self._build_pipeline()
             self._ready = self._next_output()
-            images = self._ready[0]
-            self._sample_shape, self._dtype = list(images.shape[1:]), images.dtype
-            ring = create_ring(opts.name, opts.slots, opts.batch_size * images[0].nbytes)
+            first = self._ready[0]
+            self._sample_shape, self._dtype = list(first.sample_shape), first.dtype
+            ring = create_ring(opts.name, opts.slots, opts.batch_size * first.nbytes // first.count,
+                               gpu=parse_device(opts.device))
             ctx = zmq.Context()
             sock = ctx.socket(zmq.ROUTER)
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -118,9 +119,9 @@ class Producer:
             self._seq, self._started, self._done = 0, False, False
             if opts.slots < 3:
                 log.warning("with fewer than 3 slots a stalled job cannot be suspended (it keeps 2)")
-            log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots, at %s",
+            log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots in %s memory, at %s",
                      opts.name, len(dataset), len(dataset.classes), opts.batch_size, self._sample_shape,
-                     self._dtype, opts.slots, runtime.endpoint(opts.name))
+                     self._dtype, opts.slots, opts.device, runtime.endpoint(opts.name))
             self._loop()
         except BaseException as exc:
             self.failure = f"{type(exc).__name__}: {exc}"
@@ -176,12 +177,12 @@ class Producer:
         self._pipe = build_pipeline(self._stage, self._feed, batch_size=opts.batch_size, device=opts.device,
                                     num_threads=opts.num_threads, seed=opts.seed)
 
-    def _next_output(self) -> tuple[np.ndarray, Plan]:
+    def _next_output(self) -> tuple[StageBatch, Plan]:
         """The next batch of the stage, with the files DALI cannot decode taken out of the feed."""
         while True:
             try:
                 (out,) = self._pipe.run()
-                return np.asarray(out.as_tensor()), self._feed.plans.popleft()
+                return StageBatch.of(out), self._feed.plans.popleft()
             except Exception as exc:  # DALI raises RuntimeError for bad images, the feed OSError
                 self._exclude_undecodable(exc)
 
@@ -208,8 +209,8 @@ class Producer:
         if self.options.epochs is not None and plan.epoch >= self.options.epochs:
             self._done = True  # the last epoch's tail was undecodable, so no batch was marked last
             return
-        if list(images.shape[1:]) != self._sample_shape:
-            raise ConfigError(f"the stage produced samples of shape {list(images.shape[1:])} after "
+        if list(images.sample_shape) != self._sample_shape:
+            raise ConfigError(f"the stage produced samples of shape {list(images.sample_shape)} after "
                               f"{self._sample_shape}: it must output one fixed shape (add a crop)")
         slot_index = self._free_slot()
         self._ring.write(slot_index, images, self._seq)

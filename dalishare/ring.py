@@ -46,10 +46,12 @@ from .errors import ProducerLost, ProtocolError
 class RingLayout:
     """What a job needs to map the ring; travels in ``Welcome`` as a plain dict."""
 
-    kind: str          # "host": one POSIX shared-memory segment
-    segment: str       # file name under /dev/shm
+    kind: str          # "host": slots in the segment; "device": slots in GPU memory, header in the segment
+    segment: str       # file name under /dev/shm: the header page (and the slots of a host ring)
     slots: int
-    slot_bytes: int    # the slots follow a header page: one int64 per slot, the seq it holds
+    slot_bytes: int    # the slots follow each other; the header holds one int64 per slot, the seq it holds
+    gpu: str = ""      # device ring: the PCI bus id of its GPU (ordinals differ between processes)
+    handle: bytes = b""  # device ring: the CUDA IPC handle of its one allocation
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -57,24 +59,33 @@ class RingLayout:
     @classmethod
     def from_wire(cls, d: dict) -> "RingLayout":
         return cls(kind=str(d["kind"]), segment=str(d["segment"]), slots=int(d["slots"]),
-                   slot_bytes=int(d["slot_bytes"]))
+                   slot_bytes=int(d["slot_bytes"]), gpu=str(d.get("gpu", "")), handle=bytes(d.get("handle", b"")))
 
 
 HEADER_BYTES = 4096  # one int64 per slot: the seq of the batch a slot holds, -1 while it is written
 MAX_SLOTS = HEADER_BYTES // 8
+SLOT_ALIGN = 512  # slot starts stay aligned for any dtype and for fast device copies
+
+
+def slot_size(batch_bytes: int) -> int:
+    return -(-batch_bytes // SLOT_ALIGN) * SLOT_ALIGN
 
 
 def _segment_bytes(layout: RingLayout) -> int:
-    return HEADER_BYTES + layout.slots * layout.slot_bytes
+    return HEADER_BYTES + (layout.slots * layout.slot_bytes if layout.kind == "host" else 0)
 
 
 class HostRing:
-    """Slots in one ``/dev/shm`` segment, mode 0600. Producer side: created, writable, unlinked on close."""
+    """Slots in one ``/dev/shm`` segment, mode 0600. Producer side: created, writable, unlinked on close.
 
-    def __init__(self, name: str, slots: int, slot_bytes: int):
+    With ``slot_bytes=0`` the segment is only the header, which is how a `DeviceRing` keeps its seqs
+    where every job can read them without touching the GPU.
+    """
+
+    def __init__(self, name: str, slots: int, slot_bytes: int, kind: str = "host"):
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"a ring has 1 to {MAX_SLOTS} slots, not {slots}")
-        self.layout = RingLayout("host", runtime.shm_name(name, os.getpid()), slots, slot_bytes)
+        self.layout = RingLayout(kind, runtime.shm_name(name, os.getpid()), slots, slot_bytes)
         self._path = runtime.SHM_DIR / self.layout.segment
         fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -87,23 +98,30 @@ class HostRing:
             os.close(fd)
         self._seqs = np.frombuffer(self._map, dtype=np.int64, count=slots)
         self._seqs[:] = -1
-        self._array = np.frombuffer(self._map, dtype=np.uint8, offset=HEADER_BYTES).reshape(slots, slot_bytes)
+        self._array = np.frombuffer(self._map, dtype=np.uint8, offset=HEADER_BYTES)
 
     def write(self, slot: int, batch, seq: int) -> None:
-        """Copy batch ``seq`` (any object with the array interface, e.g. a DALI CPU tensor) into
-        ``slot``. The slot's header says -1 during the copy and ``seq`` after it, so a reader can
-        tell a slot that changed under it (x86 keeps stores in order)."""
-        src = np.asarray(batch)
-        if src.nbytes > self.layout.slot_bytes:
-            raise ValueError(f"batch of {src.nbytes} bytes does not fit a {self.layout.slot_bytes}-byte slot")
-        self._seqs[slot] = -1
-        np.copyto(self._array[slot, : src.nbytes], src.reshape(-1).view(np.uint8))
+        """Copy batch ``seq`` into ``slot``. ``batch`` has ``nbytes`` and ``copy_to(address)``
+        (`stage.StageBatch`), which returns once the bytes are there. The slot's header says -1
+        during the copy and ``seq`` after it, so a reader can tell a slot that changed under it
+        (x86 keeps stores in order)."""
+        check_fits(batch, self.layout)
+        self.mark(slot, -1)
+        batch.copy_to(self._array[slot * self.layout.slot_bytes :].ctypes.data)
+        self.mark(slot, seq)
+
+    def mark(self, slot: int, seq: int) -> None:
         self._seqs[slot] = seq
 
     def close(self) -> None:
         self._path.unlink(missing_ok=True)
         self._array = self._seqs = None
         self._map.close()
+
+
+def check_fits(batch, layout: RingLayout) -> None:
+    if batch.nbytes > layout.slot_bytes:
+        raise ValueError(f"batch of {batch.nbytes} bytes does not fit a {layout.slot_bytes}-byte slot")
 
 
 class HostRingView:
@@ -122,13 +140,15 @@ class HostRingView:
             os.close(fd)
         self._seqs = np.frombuffer(self._map, dtype=np.int64, count=layout.slots)
 
+    device = None  # where the slots are: host memory
+
     def slot(self, k: int) -> memoryview:
         """A read-only buffer over slot k (zero copy)."""
         start = HEADER_BYTES + k * self.layout.slot_bytes
         return memoryview(self._map)[start : start + self.layout.slot_bytes]
 
     def holds(self, k: int, seq: int) -> bool:
-        """Whether slot k still holds batch ``seq`` (checked after copying out of it)."""
+        """Whether slot k still holds batch ``seq``."""
         return int(self._seqs[k]) == seq
 
     def close(self) -> None:
@@ -139,11 +159,20 @@ class HostRingView:
             pass  # views a user still holds keep the mapping alive; it goes with the last of them
 
 
-def create_ring(name: str, slots: int, slot_bytes: int):
-    return HostRing(name, slots, slot_bytes)
+def create_ring(name: str, slots: int, batch_bytes: int, gpu: int | None = None):
+    """The producer's ring: host shared memory, or device memory on GPU ``gpu``."""
+    if gpu is None:
+        return HostRing(name, slots, slot_size(batch_bytes))
+    from .device_ring import DeviceRing  # CuPy is only needed on the GPU path
+
+    return DeviceRing(name, slots, slot_size(batch_bytes), gpu)
 
 
 def attach_ring(layout: RingLayout):
     if layout.kind == "host":
         return HostRingView(layout)
+    if layout.kind == "device":
+        from .device_ring import DeviceRingView
+
+        return DeviceRingView(layout)
     raise ProtocolError(f"the producer serves a ring of kind {layout.kind!r}, which this dalishare cannot map; upgrade it")

@@ -8,9 +8,12 @@ the same definition runs on the CPU and on a GPU.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -39,12 +42,55 @@ def load_stage(path: str | Path) -> Callable:
 
 
 def parse_device(device: str) -> int | None:
-    """``"cpu"`` -> None (DALI's CPU-only mode); GPU serving is not available in this version."""
+    """``"cpu"`` -> None (DALI's CPU-only mode); ``"gpu"`` -> 0, ``"gpu:K"`` -> K, once GPU K is
+    known to be visible (else one-line `ConfigError`)."""
     if device == "cpu":
         return None
-    if device == "gpu" or device.startswith("gpu:"):
-        raise ConfigError(f"--device {device}: GPU serving is not available in this version; use --device cpu")
-    raise ConfigError(f"unknown device {device!r}: use 'cpu'")
+    match = re.fullmatch(r"gpu(?::(\d+))?", device)
+    if match is None:
+        raise ConfigError(f"unknown device {device!r}: use 'cpu', 'gpu' or 'gpu:K'")
+    from .device_ring import check_gpu
+
+    index = int(match.group(1) or 0)
+    check_gpu(index)
+    return index
+
+
+@dataclass
+class StageBatch:
+    """One batch out of the stage: DALI's TensorList (CPU or GPU; valid until the pipeline runs
+    again) and what it holds."""
+
+    data: object
+    count: int
+    sample_shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @classmethod
+    def of(cls, out) -> "StageBatch":
+        from nvidia.dali.types import to_numpy_type
+
+        shapes = {tuple(s) for s in out.shape()}
+        if len(shapes) != 1:
+            raise ConfigError(f"the stage produced samples of shapes {sorted(shapes)[:3]}...: it must output "
+                              f"one fixed shape (add a crop)")
+        return cls(out, len(out), shapes.pop(), np.dtype(to_numpy_type(out.dtype)))
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * math.prod(self.sample_shape) * self.dtype.itemsize
+
+    def copy_to(self, address: int) -> None:
+        """Copy the whole batch, densely, to ``address`` (host memory for a CPU batch, device memory
+        on the same GPU for a GPU one). Returns when the copy has finished."""
+        self.data.copy_to_external(ctypes.c_void_p(address))  # GPU: blocking, on a DALI stream
+
+    def numpy(self) -> np.ndarray:
+        """The batch as a NumPy array (copied off the GPU if it is there)."""
+        from nvidia.dali.tensors import TensorListGPU
+
+        data = self.data.as_cpu() if isinstance(self.data, TensorListGPU) else self.data
+        return np.asarray(data.as_tensor())  # a view of DALI's CPU buffer
 
 
 def read_encoded(paths: Iterable[Path]) -> list[np.ndarray]:
@@ -109,10 +155,8 @@ def one_line(exc: BaseException) -> str:
 
 def standalone_batches(stage: Callable, files: list[Path], batch_size: int, *, device: str = "cpu",
                        num_threads: int | None = None):
-    """Run ``stage`` over ``files`` in order, yielding NumPy NHWC batches: a job loading on its own.
-
-    Used as the baseline in the demo and the benchmarks.
-    """
+    """Run ``stage`` over ``files`` in order, yielding a `StageBatch` per batch (valid until the
+    next one): a job loading on its own. The baseline of the demo and the benchmarks."""
     starts = iter(range(0, len(files), batch_size))
 
     def source():
@@ -128,6 +172,6 @@ def standalone_batches(stage: Callable, files: list[Path], batch_size: int, *, d
                 (out,) = pipe.run()
             except StopIteration:
                 return
-            yield np.asarray(out.as_tensor())
+            yield StageBatch.of(out)
     finally:
         del pipe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import subprocess
@@ -147,6 +148,16 @@ def test_find_undecodable_names_missing_empty_and_garbage_files_with_a_reason(tm
     assert bad[3].startswith("fn.decoders.image:") and "\n" not in bad[3]
 
 
+class _ArrayBatch:
+    """The ring's write protocol (`stage.StageBatch`) over a NumPy array."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.nbytes = array, array.nbytes
+
+    def copy_to(self, address: int) -> None:
+        ctypes.memmove(address, self.array.ctypes.data, self.nbytes)
+
+
 def test_a_slot_header_tells_a_reader_which_batch_the_slot_holds():
     from dalishare.ring import HostRing, HostRingView
 
@@ -154,10 +165,13 @@ def test_a_slot_header_tells_a_reader_which_batch_the_slot_holds():
     view = HostRingView(ring.layout)
     try:
         assert not view.holds(1, 0)  # never written
-        ring.write(1, np.arange(16, dtype=np.uint8), seq=7)
+        ring.write(1, _ArrayBatch(np.arange(16, dtype=np.uint8)), seq=7)
         assert view.holds(1, 7) and not view.holds(0, 7)
         assert bytes(view.slot(1)) == bytes(range(16))
-        ring.write(1, np.zeros(16, dtype=np.uint8), seq=9)  # reused: a reader of batch 7 can tell
+        assert bytes(view.slot(0)) == bytes(16) and bytes(view.slot(2)) == bytes(16)  # neighbours untouched
+        with pytest.raises(ValueError, match="does not fit"):
+            ring.write(2, _ArrayBatch(np.zeros(17, dtype=np.uint8)), seq=8)
+        ring.write(1, _ArrayBatch(np.zeros(16, dtype=np.uint8)), seq=9)  # reused: a reader of batch 7 can tell
         assert not view.holds(1, 7) and view.holds(1, 9)
     finally:
         view.close()

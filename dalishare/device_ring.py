@@ -1,0 +1,135 @@
+"""The ring in GPU memory: one plain ``cudaMalloc`` allocation shared with the jobs through CUDA IPC.
+
+The slots' seq header stays in a small host segment (a header-only `HostRing`), so a job checks
+what a slot holds without touching the GPU. The rules are NOTE [ Slot ownership ] in ring.py.
+CuPy is imported here and nowhere else; it is the ``gpu`` extra.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+from .errors import ConfigError
+from .ring import HostRing, HostRingView, RingLayout, check_fits
+
+
+def cupy():
+    """CuPy, or a one-line `ConfigError` saying how to get it."""
+    try:
+        import cupy
+    except ImportError:
+        raise ConfigError("the GPU path needs CuPy: pip install 'dalishare[gpu]' (cupy-cuda12x)") from None
+    return cupy
+
+
+def check_gpu(index: int) -> None:
+    """Fail with one line unless GPU ``index`` is visible to this process."""
+    cp = cupy()
+    try:
+        count = cp.cuda.runtime.getDeviceCount()
+    except cp.cuda.runtime.CUDARuntimeError as exc:
+        raise ConfigError(f"no usable CUDA GPU here ({exc}); serve with --device cpu") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"GPU {index} does not exist: this process sees {count} GPU(s) "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+
+
+class DeviceRing:
+    """Producer side: slots in device memory on GPU ``gpu``, exported once as a CUDA IPC handle."""
+
+    def __init__(self, name: str, slots: int, slot_bytes: int, gpu: int):
+        cp = cupy()
+        check_gpu(gpu)
+        self._gpu, self._ptr = gpu, 0
+        self._header = HostRing(name, slots, 0, kind="device")
+        try:
+            with cp.cuda.Device(gpu):
+                # plain cudaMalloc, not CuPy's pool: CUDA IPC cannot export stream-ordered pool memory
+                self._ptr = cp.cuda.runtime.malloc(slots * slot_bytes)
+                handle = bytes(cp.cuda.runtime.ipcGetMemHandle(self._ptr))
+                bus_id = cp.cuda.runtime.deviceGetPCIBusId(gpu)
+        except BaseException:
+            self.close()
+            raise
+        self.layout = RingLayout("device", self._header.layout.segment, slots, slot_bytes, gpu=bus_id, handle=handle)
+
+    def write(self, slot: int, batch, seq: int) -> None:
+        """Copy batch ``seq`` (a `stage.StageBatch` on this GPU) into ``slot``. ``copy_to`` returns
+        when the copy has finished on the GPU, so the slot is announced only after its bytes landed."""
+        check_fits(batch, self.layout)
+        self._header.mark(slot, -1)
+        with cupy().cuda.Device(self._gpu):
+            batch.copy_to(self._ptr + slot * self.layout.slot_bytes)
+        self._header.mark(slot, seq)
+
+    def close(self) -> None:
+        """Free the slots. Jobs must be gone or told to stop (the producer broadcasts `Stop` first):
+        an importer's mapping of freed memory is undefined behaviour."""
+        if self._ptr:
+            with cupy().cuda.Device(self._gpu):
+                cupy().cuda.runtime.free(self._ptr)
+            self._ptr = 0
+        self._header.close()
+
+
+class _IpcMapping:
+    """One opened IPC handle. It is closed when the last view of it goes (tensors a user kept
+    included), never under a live view."""
+
+    def __init__(self, handle: bytes, gpu: int):
+        cp = cupy()
+        with cp.cuda.Device(gpu):
+            self.ptr = cp.cuda.runtime.ipcOpenMemHandle(handle)  # lazy peer access: other GPUs may read it
+        weakref.finalize(self, _close_ipc, self.ptr, gpu)
+
+
+def _close_ipc(ptr: int, gpu: int) -> None:
+    cp = cupy()
+    try:
+        with cp.cuda.Device(gpu):
+            cp.cuda.runtime.ipcCloseMemHandle(ptr)
+    except Exception:  # at interpreter exit the runtime may be gone; the process's end unmaps it
+        pass
+
+
+class DeviceRingView:
+    """Job side of a `DeviceRing`: the allocation opened once through its IPC handle."""
+
+    def __init__(self, layout: RingLayout):
+        cp = cupy()
+        self.layout = layout
+        try:
+            self.device = cp.cuda.runtime.deviceGetByPCIBusId(layout.gpu)
+        except cp.cuda.runtime.CUDARuntimeError:
+            raise ConfigError(
+                f"the ring is on the GPU at PCI {layout.gpu}, which this job cannot see "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                f"run the job where that GPU is visible") from None
+        self._header = HostRingView(layout)
+        try:
+            mapping = _IpcMapping(layout.handle, self.device)
+        except BaseException:
+            self._header.close()
+            raise
+        self._mapped = weakref.ref(mapping)
+        size = layout.slots * layout.slot_bytes
+        memory = cp.cuda.UnownedMemory(mapping.ptr, size, mapping, self.device)
+        self._array = cp.ndarray((layout.slots, layout.slot_bytes), cp.uint8, cp.cuda.MemoryPointer(memory, 0))
+        self.span = (mapping.ptr, mapping.ptr + size)  # device addresses of the mapping, for checks
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the IPC mapping is still open (it closes when the last view of it goes)."""
+        return self._mapped() is not None
+
+    def slot(self, k: int):
+        """Slot k as a CuPy uint8 array (zero copy); ``torch.from_dlpack`` turns it into a tensor."""
+        return self._array[k]
+
+    def holds(self, k: int, seq: int) -> bool:
+        return self._header.holds(k, seq)
+
+    def close(self) -> None:
+        self._array = None  # the mapping closes now, or with the last view a user still holds
+        self._header.close()
