@@ -99,9 +99,9 @@ class _Heartbeat(threading.Thread):
 class DaliShareIterator:
     """Batches from a shared dalishare producer, as torch tensors.
 
-    Each item is a dict: ``images`` (N, H, W, C) uint8 where the ring is (the CPU, or the producer's
-    GPU) or on ``device``, ``labels`` and ``indices`` (int64, the samples' stable dataset indices,
-    on the same device). One pass over the iterator is one
+    Each item is a dict: ``images`` (N, H, W, C) uint8 and ``labels`` (int64) where the ring is
+    (the CPU, or the producer's GPU) or on ``device``, and ``indices`` (int64 on the CPU: the samples'
+    stable dataset indices, for bookkeeping without a GPU sync). One pass over the iterator is one
     epoch (``loader.epoch`` says which); ``len(loader)`` is this job's batches per full epoch; the
     last batch of an epoch may be smaller than ``batch_size``. A job that attaches mid-epoch first
     gets the rest of that epoch.
@@ -178,6 +178,8 @@ class DaliShareIterator:
         self._ring = attach_ring(RingLayout.from_wire(welcome.ring))
         self._slot_tensors, self.ring_device = _slot_tensors(self._ring)
         self._target = self.device or self.ring_device
+        if self._target.type == "cuda" and self._target.index is None:
+            self._target = torch.device("cuda", torch.cuda.current_device())
         self._releases = SlotReleases(self._release, self.ring_device if self.ring_device.type == "cuda" else None)
         self._heartbeat = _Heartbeat(self._ctx, self._endpoint, self.job_id, self._heartbeat_interval)
         self._heartbeat.start()
@@ -274,11 +276,13 @@ class DaliShareIterator:
         if first.remaining >= self.batch_size or first.msg.last:  # inside one producer batch: a view
             images, labels, indices = first.take(min(self.batch_size, first.remaining))
             self._finish_if_consumed(first, deferred=True)
-            if self.copy:
+            if images.device != self._target:
+                images = images.to(self._target)  # one copy: to the CPU (synchronous), another GPU, or a GPU
+            elif self.copy:
                 images = images.clone()
         else:  # spans producer batches: assemble into a tensor this job owns, up to the epoch's end
             size = self.batch_size
-            images = torch.empty((size, *self._sample_shape), dtype=self._dtype, device=self.ring_device)
+            images = torch.empty((size, *self._sample_shape), dtype=self._dtype, device=self._target)
             labels, indices = torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=torch.int64)
             filled = 0
             while filled < size and not self._epoch_over:
@@ -294,12 +298,9 @@ class DaliShareIterator:
                 self._finish_if_consumed(part, deferred=False)
             if filled < size:  # the epoch (or the producer) ended first: a last, smaller batch
                 images, labels, indices = images[:filled], labels[:filled], indices[:filled]
-        batch = {"images": images, "labels": labels, "indices": indices}
         if self._target.type != "cpu":
-            batch = {k: v.to(self._target) for k, v in batch.items()}  # images: a copy unless already there
-        elif images.device.type != "cpu":
-            batch["images"] = images.cpu()  # synchronous
-        return batch
+            labels = labels.to(self._target)
+        return {"images": images, "labels": labels, "indices": indices}
 
     def _producer_batch(self) -> _ProducerBatch | None:
         """The producer batch to read next (blocking for it), or None once the producer stopped or

@@ -3,8 +3,11 @@
 NOTE [ Slot ownership ]
 =======================
 - Creation. The producer creates the ring's memory once, before it accepts jobs, and is its only
-  writer. A job maps the ring read-only at attach (the layout arrives in the ``Welcome`` message) and
-  never writes to it: a job that tried would fault instead of corrupting its neighbours' batches.
+  writer: a host ring is one ``/dev/shm`` segment; a device ring is one plain ``cudaMalloc``
+  allocation on the producer's GPU plus a header-only segment (device_ring.py). A job maps the ring
+  at attach (the layout arrives in the ``Welcome`` message): host memory read-only, so a job that
+  wrote would fault instead of corrupting its neighbours' batches; device memory through its CUDA
+  IPC handle, opened once (CUDA has no read-only IPC mapping: a job must not write to it).
 - Writing. The producer writes slot k only while no job holds it. A slot becomes held by every job
   that is sent its ``Batch`` announcement (at production, at attach for the resident batches of the
   current epoch, at resume after a suspension) and stops being held by a job when that job sends
@@ -14,6 +17,11 @@ NOTE [ Slot ownership ]
   announcement order. Views it yields stay valid until its iterator's next step; it releases a slot
   at that next step, or right after copying out of it when a job batch spans producer batches.
   So the slots a job may be reading at any moment are its two oldest held ones.
+- GPU ordering. On a device ring "writing" and "reading" mean GPU work, which is asynchronous. The
+  producer's copy into a slot has finished before it marks the header and announces the slot. A job
+  releases a slot only after the GPU work it queued to read it has finished (a CUDA event, polled;
+  releases.py), and before reading a third slot it waits until at most one slot still has reads in
+  flight, so the two-oldest rule above holds for its GPU as well as for its Python code.
 - Stalls. A live job that released nothing for ``--stall-timeout`` while another waits is suspended:
   it keeps its two oldest slots (the only ones it may be reading), loses its hold on the others,
   and gets no announcements until it resumes. Before taking each new batch from its queue a job
@@ -23,11 +31,15 @@ NOTE [ Slot ownership ]
   mapping stays valid after the unlink and is unmapped when the job closes.
 - Death. The kernel keeps no link from a dead producer to its segment: a producer that was killed
   leaves ``/dev/shm/dalishare.NAME.PID`` behind, and `runtime.clean_stale` removes it (at the next
-  ``dalishare serve`` or ``dalishare cleanup``). A dead job's mapping goes with its process; the
-  producer frees the job's slots when it notices the death (see ``producer.Producer._reap``).
+  ``dalishare serve`` or ``dalishare cleanup``). The CUDA driver reclaims a dead producer's device
+  memory with its context; its jobs get `ProducerLost` and read the ring no more. A dead job's mappings go with its
+  process; the producer frees the job's slots when it notices the death (see ``producer.Producer._reap``).
+- Closing. A job closes its IPC mapping when the last view of it goes: at ``close()`` unless the
+  user still holds a yielded tensor (then with that tensor), never under a live view.
 
-The producer side is `create_ring(...)`, the job side `attach_ring(layout)`; both speak only array
-protocols (NumPy here), so neither DALI nor torch is imported.
+The producer side is `create_ring(...)`, the job side `attach_ring(layout)`. Neither imports DALI
+or torch: the producer hands over batches with ``nbytes`` and ``copy_to(address)``, and a job gets
+NumPy buffers (host) or CuPy arrays (device) to wrap as tensors.
 """
 
 from __future__ import annotations
@@ -58,8 +70,11 @@ class RingLayout:
 
     @classmethod
     def from_wire(cls, d: dict) -> "RingLayout":
-        return cls(kind=str(d["kind"]), segment=str(d["segment"]), slots=int(d["slots"]),
-                   slot_bytes=int(d["slot_bytes"]), gpu=str(d.get("gpu", "")), handle=bytes(d.get("handle", b"")))
+        try:
+            return cls(kind=str(d["kind"]), segment=str(d["segment"]), slots=int(d["slots"]),
+                       slot_bytes=int(d["slot_bytes"]), gpu=str(d.get("gpu", "")), handle=bytes(d.get("handle", b"")))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"the producer sent a malformed ring layout ({exc!r}); upgrade dalishare") from None
 
 
 HEADER_BYTES = 4096  # one int64 per slot: the seq of the batch a slot holds, -1 while it is written

@@ -98,12 +98,12 @@ class Server:
 
 
 class Job:
-    """tests/job_script.py in a child process; its record is read back as JSON."""
+    """tests/job_script.py (or another job ``script``) in a child process; its record is read back as JSON."""
 
-    def __init__(self, out: Path, **spec):
+    def __init__(self, out: Path, script: str = "job_script.py", **spec):
         self.out = out
         spec.setdefault("name", "t")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "job_script.py"), json.dumps({**spec, "out": str(out)})],
+        self.proc = subprocess.Popen([sys.executable, str(HERE / script), json.dumps({**spec, "out": str(out)})],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_attached(self, timeout: float = 60) -> None:

@@ -1,0 +1,90 @@
+"""A training job for the GPU tests and bench/gpu_check.py: records a checksum of every sample it got,
+computed on the device the batch is on, asynchronously, as a training step would read it.
+
+Spec (JSON in argv[1]): name, out, batch_size, device (None: where the ring is), passes,
+``slow_ms`` (a GPU kernel that spins this long before the checksum kernels read the batch, queued
+without waiting: the job runs ahead of its GPU), ``die`` = batches after which it SIGKILLs itself,
+``expect_lost`` (the producer will be killed: record the error instead of failing).
+"""
+
+import json
+import os
+import signal
+import sys
+
+import torch
+
+from dalishare import DaliShareIterator, ProducerLost
+
+_WEIGHTS: dict = {}
+
+
+def checksum(images: torch.Tensor) -> torch.Tensor:
+    """A position-sensitive int64 checksum per sample, on the images' device (no sync)."""
+    flat = images.reshape(len(images), -1)
+    key = (flat.shape[1], flat.device)
+    if key not in _WEIGHTS:
+        _WEIGHTS[key] = torch.arange(flat.shape[1], device=flat.device, dtype=torch.int64) % 251 + 1
+    return (flat.to(torch.int64) * _WEIGHTS[key]).sum(dim=1)
+
+
+def spin(ms: float) -> None:
+    """Queue a kernel that keeps the current stream busy for about ``ms`` (the CPU goes on at once)."""
+    global _CYCLES_PER_MS
+    if _CYCLES_PER_MS is None:  # calibrate once
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        _CYCLES_PER_MS = 10_000_000 / start.elapsed_time(end)
+    torch.cuda._sleep(int(ms * _CYCLES_PER_MS))
+
+
+_CYCLES_PER_MS = None
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    record = {"passes": [], "lost": None, "in_ring": 0, "copies": 0}
+    sums, done, batch, images = [], 0, None, None
+    loader = DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), device=spec.get("device"),
+                               attach_timeout=120)
+    open(spec["out"] + ".attached", "w").close()  # lets a test wait for the attach itself
+    ring = loader._ring
+    span = getattr(ring, "span", None)
+    record["ring_device"] = str(loader.ring_device)
+    try:
+        for _ in range(spec.get("passes", 1)):
+            indices = []
+            for batch in loader:
+                if spec.get("die") is not None and done == spec["die"]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                done += 1
+                images = batch["images"]
+                record["device"], record["dtype"], record["shape"] = str(images.device), str(images.dtype), list(images.shape[1:])
+                if span is not None and images.is_cuda:
+                    in_ring = span[0] <= images.data_ptr() < span[1]
+                    record["in_ring"] += in_ring
+                    record["copies"] += not in_ring
+                if spec.get("slow_ms") and images.is_cuda:
+                    spin(spec["slow_ms"])
+                sums.append(checksum(images))
+                indices += batch["indices"].tolist()
+            record["passes"].append({"epoch": loader.epoch, "indices": indices})
+    except ProducerLost as exc:
+        if not spec.get("expect_lost"):
+            raise
+        record["lost"] = str(exc)
+    flat = torch.cat(sums).tolist() if sums else []  # waits for the queued checksums
+    record["checksums"] = flat
+    record["handoff_ns"] = list(loader.handoff_ns)
+    del batch, images
+    loader.close()
+    record["mapped_after_close"] = getattr(ring, "mapped", False)
+    with open(spec["out"], "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main()

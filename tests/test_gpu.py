@@ -1,0 +1,151 @@
+"""The GPU path on a real GPU: device ring, CUDA IPC views, event-ordered releases, cross-device jobs.
+
+Every test is marked ``gpu`` and skipped where no CUDA GPU (with CuPy) is visible. bench/gpu_check.py
+runs this file on a GPU machine and times it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import N_SAMPLES, RESNET, Job, Server
+
+
+def _gpus() -> int:
+    try:
+        import cupy
+        import torch
+
+        return min(cupy.cuda.runtime.getDeviceCount(), torch.cuda.device_count())
+    except Exception:  # no CuPy, no driver, no device: all mean no GPU here
+        return 0
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpus() == 0, reason="needs a CUDA GPU and CuPy")]
+
+PRODUCER_BATCH = 8
+
+
+def GpuJob(out, **spec) -> Job:
+    return Job(out, script="gpu_job.py", **spec)
+
+
+def expected_checksums(data, device: str, epochs: int, batch_size: int = PRODUCER_BATCH) -> dict:
+    """{(epoch, index): checksum} of the stage run directly in DALI, batch by batch as the producer
+    cuts them (the mixed decoder may split a batch between its hardware and CUDA decoders)."""
+    import torch
+    from gpu_job import checksum
+
+    from dalishare.dataset import epoch_order, scan
+    from dalishare.stage import load_stage, standalone_batches
+
+    ds, stage, expected = scan(data), load_stage(RESNET), {}
+    for epoch in range(epochs):
+        order = epoch_order(len(ds), 0, epoch)
+        batches = standalone_batches(stage, [ds.files[i] for i in order], batch_size, device=device)
+        position = 0
+        for batch in batches:
+            for value in checksum(torch.from_numpy(batch.numpy().copy())).tolist():
+                expected[(epoch, int(order[position]))] = value
+                position += 1
+    return expected
+
+
+def check_exactly_once_and_pixels(record: dict, expected: dict) -> None:
+    position = 0
+    for p in record["passes"]:
+        assert sorted(p["indices"]) == list(range(N_SAMPLES)), "not every sample exactly once"
+        for index in p["indices"]:
+            assert record["checksums"][position] == expected[(p["epoch"], index)], f"sample {index} differs"
+            position += 1
+
+
+def test_gpu_jobs_get_zero_copy_views_equal_to_dali_exactly_once(dataset, tmp_path):
+    expected = expected_checksums(dataset, "gpu", epochs=2)
+    with Server(dataset, "--device", "gpu", "--batch-size", str(PRODUCER_BATCH), "--epochs", "2",
+                "--min-consumers", "3") as server:
+        jobs = [GpuJob(tmp_path / f"{bs}.json", batch_size=bs, passes=2) for bs in (4, 5, 11)]
+        records = [job.result() for job in jobs]
+        assert server.wait() == 0, server.log()
+    for bs, record in zip((4, 5, 11), records):
+        assert record["device"] == record["ring_device"] == "cuda:0"
+        assert record["dtype"] == "torch.uint8" and record["shape"] == [224, 224, 3]
+        check_exactly_once_and_pixels(record, expected)
+        assert not record["mapped_after_close"], "close() left the IPC mapping open"
+    # batches of 4 from producer batches of 8, 8, 8, 6: 2+2+2+2 per epoch, every one a view of the ring
+    assert records[0]["copies"] == 0 and records[0]["in_ring"] == 2 * 8
+    assert records[1]["in_ring"] > 0 and records[1]["copies"] > 0  # views inside, copies across batches
+
+
+@pytest.mark.parametrize("batch_size", [4, 6], ids=["views", "spanning-copies"])
+def test_a_slow_gpu_consumer_never_sees_a_torn_or_overwritten_batch(dataset, tmp_path, batch_size):
+    expected = expected_checksums(dataset, "gpu", epochs=3, batch_size=4)
+    with Server(dataset, "--device", "gpu", "--batch-size", "4", "--slots", "3", "--epochs", "3",
+                "--min-consumers", "2") as server:
+        slow = GpuJob(tmp_path / "slow.json", batch_size=batch_size, passes=3, slow_ms=40)
+        fast = GpuJob(tmp_path / "fast.json", batch_size=4, passes=3)
+        records = [slow.result(), fast.result()]
+        assert server.wait() == 0, server.log()
+    for record in records:
+        check_exactly_once_and_pixels(record, expected)
+
+
+def test_killed_gpu_job_is_reclaimed_and_a_killed_gpu_producer_is_producer_lost(dataset, tmp_path):
+    with Server(dataset, "--device", "gpu", "--batch-size", "4", "--slots", "3", "--epochs", "2",
+                "--min-consumers", "2") as server:
+        doomed = GpuJob(tmp_path / "doomed.json", batch_size=4, passes=2, die=2)
+        survivor = GpuJob(tmp_path / "survivor.json", batch_size=4, passes=2)
+        record = survivor.result()
+        doomed.proc.wait(timeout=60)
+        assert doomed.proc.returncode == -signal.SIGKILL
+        assert server.wait() == 0, server.log()
+    assert all(sorted(p["indices"]) == list(range(N_SAMPLES)) for p in record["passes"])
+
+    server = Server(dataset, "--device", "gpu", "--batch-size", "4", "--slots", "3")
+    job = GpuJob(tmp_path / "lost.json", batch_size=4, passes=1000, expect_lost=True)
+    job.wait_attached(timeout=120)
+    time.sleep(2)  # consuming
+    server.proc.send_signal(signal.SIGKILL)
+    server.wait()
+    record = job.result(timeout=60)
+    assert "died" in record["lost"] and not record["mapped_after_close"]
+    from dalishare.runtime import clean_stale
+
+    clean_stale("t")
+
+
+def test_cpu_job_of_a_gpu_producer_and_gpu_job_of_a_cpu_producer_get_one_copy(dataset, tmp_path):
+    expected = expected_checksums(dataset, "gpu", epochs=1)
+    with Server(dataset, "--device", "gpu", "--batch-size", str(PRODUCER_BATCH), "--epochs", "1") as server:
+        record = GpuJob(tmp_path / "cpu.json", batch_size=PRODUCER_BATCH, device="cpu").result()
+        assert server.wait() == 0, server.log()
+    assert record["device"] == "cpu" and record["ring_device"] == "cuda:0"
+    check_exactly_once_and_pixels(record, expected)
+
+    expected = expected_checksums(dataset, "cpu", epochs=1)
+    with Server(dataset, "--device", "cpu", "--batch-size", str(PRODUCER_BATCH), "--epochs", "1") as server:
+        record = GpuJob(tmp_path / "gpu.json", batch_size=PRODUCER_BATCH, device="cuda:0").result()
+        assert server.wait() == 0, server.log()
+    assert record["device"] == "cuda:0" and record["ring_device"] == "cpu"
+    check_exactly_once_and_pixels(record, expected)
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs two GPUs")
+def test_a_job_on_another_gpu_gets_peer_copies(dataset, tmp_path):
+    expected = expected_checksums(dataset, "gpu", epochs=1)
+    with Server(dataset, "--device", "gpu:0", "--batch-size", str(PRODUCER_BATCH), "--epochs", "1") as server:
+        record = GpuJob(tmp_path / "peer.json", batch_size=5, device="cuda:1").result()
+        assert server.wait() == 0, server.log()
+    assert record["device"] == "cuda:1" and record["ring_device"] == "cuda:0" and record["in_ring"] == 0
+    check_exactly_once_and_pixels(record, expected)
+
+
+def test_gpu_serving_of_an_absent_gpu_fails_in_one_line(dataset):
+    proc = subprocess.run([sys.executable, "-m", "dalishare", "serve", str(RESNET), "--data", str(dataset),
+                           "--device", f"gpu:{_gpus()}", "--name", "t"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("dalishare: error:") == 1 and "does not exist" in proc.stderr

@@ -1,0 +1,143 @@
+"""The GPU path's logic that needs no GPU: release ordering with events, the device ring's wire form,
+and the one-line errors where no GPU is visible. The GPU itself is exercised by test_gpu.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dalishare import protocol
+from dalishare.errors import ConfigError, ProtocolError
+from dalishare.releases import GpuWorkTimeout, SlotReleases
+from dalishare.ring import RingLayout, attach_ring
+from dalishare.stage import parse_device
+
+
+class FakeEvent:
+    """Stands in for a CUDA event: completes when the test says so."""
+
+    def __init__(self):
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+def releases_with_fake_events():
+    released, events = [], []
+
+    def record():
+        events.append(FakeEvent())
+        return events[-1]
+
+    return SlotReleases(released.append, device="cuda:0", record=record), released, events
+
+
+def test_host_ring_slots_are_released_at_once():
+    released = []
+    releases = SlotReleases(released.append, device=None)
+    releases.done_reading(3)
+    releases.done_reading(4)
+    assert released == [3, 4] and releases.in_flight == 0
+
+
+def test_device_ring_slots_are_released_only_after_their_gpu_work_in_order():
+    releases, released, events = releases_with_fake_events()
+    releases.done_reading(1)
+    releases.done_reading(2)
+    assert released == [] and releases.in_flight == 2
+    events[1].done = True  # a later event cannot overtake: the stream completes work in order
+    releases.poll()
+    assert released == []
+    events[0].done = True
+    releases.poll()
+    assert released == [1, 2] and releases.in_flight == 0
+
+
+def test_reading_a_third_slot_waits_for_the_gpu_to_finish_the_oldest():
+    releases, released, events = releases_with_fake_events()
+    releases.done_reading(1)
+    releases.wait_below(2, timeout=1)  # one in flight: no wait
+    releases.done_reading(2)
+    timer = threading.Timer(0.3, lambda: setattr(events[0], "done", True))
+    timer.start()
+    start = time.monotonic()
+    releases.wait_below(2, timeout=5)
+    assert 0.25 < time.monotonic() - start < 3
+    assert released == [1] and releases.in_flight == 1
+    timer.join()
+
+
+def test_gpu_work_that_never_finishes_is_a_clear_error_not_a_hang():
+    releases, released, _ = releases_with_fake_events()
+    releases.done_reading(1)
+    with pytest.raises(GpuWorkTimeout, match="has not finished after 0 s"):
+        releases.wait_below(1, timeout=0.2)
+    releases.forget()
+    assert releases.in_flight == 0 and released == []
+
+
+def test_a_device_ring_layout_survives_the_wire_and_a_malformed_one_is_a_protocol_error():
+    layout = RingLayout("device", "dalishare.t.1", 4, 1024, gpu="0000:19:00.0", handle=bytes(range(64)))
+    welcome = protocol.Welcome(job_id=1, producer_pid=2, ring=layout.to_wire(), sample_shape=[2, 2, 3],
+                               dtype="uint8", epoch_size=30, batch_size=8, classes=["a"])
+    assert RingLayout.from_wire(protocol.decode(protocol.encode(welcome)).ring) == layout
+    assert RingLayout.from_wire({"kind": "host", "segment": "s", "slots": 2, "slot_bytes": 8}).handle == b""
+    with pytest.raises(ProtocolError, match="malformed ring layout"):
+        RingLayout.from_wire({"kind": "device", "slots": 2})
+    with pytest.raises(ProtocolError, match="cannot map"):
+        attach_ring(RingLayout("tape", "s", 1, 8))
+
+
+def _no_gpu() -> bool:
+    try:
+        import cupy
+    except ImportError:
+        return True
+    try:
+        return cupy.cuda.runtime.getDeviceCount() == 0
+    except cupy.cuda.runtime.CUDARuntimeError:
+        return True
+
+
+@pytest.mark.skipif(not _no_gpu(), reason="this machine has a GPU")
+@pytest.mark.parametrize("device", ["gpu", "gpu:0", "gpu:3"])
+def test_without_a_gpu_gpu_devices_fail_in_one_line(device):
+    with pytest.raises(ConfigError) as info:
+        parse_device(device)
+    assert "\n" not in str(info.value) and ("CuPy" in str(info.value) or "--device cpu" in str(info.value))
+
+
+@pytest.mark.parametrize("device", ["tpu", "gpu:", "gpu:x", "cuda"])
+def test_unknown_devices_are_refused(device):
+    with pytest.raises(ConfigError, match="use 'cpu', 'gpu' or 'gpu:K'"):
+        parse_device(device)
+
+
+@pytest.mark.skipif(not _no_gpu(), reason="this machine has a GPU")
+def test_without_a_gpu_a_job_cannot_open_a_device_ring_and_says_why():
+    pytest.importorskip("cupy")
+    layout = RingLayout("device", "dalishare.none.1", 2, 512, gpu="0000:19:00.0", handle=bytes(64))
+    with pytest.raises(ConfigError, match="run the job where that GPU is visible"):
+        attach_ring(layout)
+
+
+def test_the_gpu_tests_harness_checks_pixels_and_exactly_once_on_the_cpu_too(dataset, tmp_path):
+    """test_gpu.py's job script and reference checksums, run on the CPU path, so they are known to
+    work before a GPU machine runs them."""
+    from conftest import Server
+    from test_gpu import GpuJob, check_exactly_once_and_pixels, expected_checksums
+
+    expected = expected_checksums(dataset, "cpu", epochs=2)
+    with Server(dataset, "--batch-size", "8", "--epochs", "2", "--min-consumers", "2") as server:
+        jobs = [GpuJob(tmp_path / f"{bs}.json", batch_size=bs, passes=2) for bs in (4, 5)]
+        records = [job.result() for job in jobs]
+        assert server.wait() == 0, server.log()
+    for record in records:
+        assert record["device"] == record["ring_device"] == "cpu"
+        check_exactly_once_and_pixels(record, expected)
+    records[0]["checksums"][3] += 1  # and a wrong pixel would be caught
+    with pytest.raises(AssertionError, match="differs"):
+        check_exactly_once_and_pixels(records[0], expected)
