@@ -1,9 +1,12 @@
-"""CPU benchmark: hand-off latency, and four jobs sharing one producer vs each running its own DALI.
+"""Benchmark: hand-off latency, and N jobs sharing one producer vs each running its own DALI.
 
-    python bench/sharing.py [--data DIR] [--jobs 4] [--step-ms 40] [--batches 40] [--out FILE]
+    python bench/sharing.py [--device cpu|gpu] [--data DIR] [--jobs 4] [--step-ms 40] [--batches 40] [--out FILE]
 
-Every job takes batches of 64x224x224x3 uint8 (the ResNet stage) and emulates a GPU training step
-by sleeping ``--step-ms`` per batch (no CPU), so the loader is what limits it. Phases, each with a
+Every job takes batches of 64x224x224x3 uint8 (the ResNet stage) and emulates a training step by
+sleeping ``--step-ms`` per batch (no CPU), so the loader is what limits it. With ``--device gpu``
+the producer and the jobs' own pipelines decode on the GPU, an own pipeline copies each batch into
+a torch tensor (as DALI's PyTorch iterator does), and every job reads every pixel of each batch on
+the GPU (a mean, waited for like a training step's ``loss.item()``). Phases, each with a
 fresh producer: (1) hand-off latency, one job with no step, so it waits for each announcement; (2) the cost of
 ``next()`` in a job slower than the producer, so announcements are already queued; (3) one job alone
 on a shared producer; (4) N jobs on one shared producer; (5) the same N jobs each running its own
@@ -21,6 +24,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from dalishare.demo import join_or_kill
 
@@ -44,6 +49,7 @@ def shared_job(name: str, warmup: int, batches: int, step_s: float, q) -> None:
                 continue
             next_ns.append(time.perf_counter_ns() - start)
             assert batch["images"].shape[1:] == (224, 224, 3)
+            read_every_pixel(batch["images"])
             time.sleep(step_s)
             done += 1
             if done == warmup:
@@ -85,16 +91,32 @@ def pct(values: list[int], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] / 1e3
 
 
-def own_pipeline_job(data: str, warmup: int, batches: int, step_s: float, q) -> None:
+def read_every_pixel(images: torch.Tensor) -> None:
+    if images.is_cuda:
+        images.float().mean().item()
+
+
+def as_torch(batch) -> torch.Tensor:
+    """A `StageBatch` as a torch tensor the job owns: a view of DALI's CPU output, or a copy of its GPU one."""
+    if batch.data.__class__.__name__ != "TensorListGPU":
+        return torch.from_numpy(batch.numpy())
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    out = torch.empty((batch.count, *batch.sample_shape), dtype=torch.uint8, device="cuda")
+    return feed_ndarray(batch.data.as_tensor(), out, cuda_stream=torch.cuda.current_stream())
+
+
+def own_pipeline_job(data: str, device: str, warmup: int, batches: int, step_s: float, q) -> None:
     from dalishare.dataset import scan
     from dalishare.stage import load_stage, standalone_batches
 
     ds, stage = scan(data), load_stage(STAGE)
     done, t0 = 0, None
     while done < warmup + batches:
-        for batch in standalone_batches(stage, ds.files, BATCH):
+        for batch in standalone_batches(stage, ds.files, BATCH, device=device):
             if batch.count < BATCH:
                 continue
+            read_every_pixel(as_torch(batch))
             time.sleep(step_s)
             done += 1
             if done == warmup:
@@ -125,10 +147,11 @@ def run_jobs(target, args: tuple, n: int, timeout: float = 600) -> list[dict]:
         join_or_kill(procs)
 
 
-def with_producer(data: str, consumers: int, target, args: tuple) -> list[dict]:
+def with_producer(data: str, consumers: int, target, args: tuple, device: str = "cpu") -> list[dict]:
     name = f"bench-{os.getpid()}"
     producer = subprocess.Popen([sys.executable, "-m", "dalishare", "serve", str(STAGE), "--data", data, "--name", name,
-                                 "--batch-size", str(BATCH), "--min-consumers", str(consumers)], stderr=subprocess.DEVNULL)
+                                 "--batch-size", str(BATCH), "--min-consumers", str(consumers), "--device", device],
+                                stderr=subprocess.DEVNULL)
     try:
         return run_jobs(target, (name, *args), consumers)
     finally:
@@ -140,6 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(HYMENOPTERA) if HYMENOPTERA.is_dir() else None,
                         help="image folder (default: ../shared/data/hymenoptera/train, else generated)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="where the stages decode")
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--step-ms", type=float, default=40.0, help="emulated GPU step per batch")
     parser.add_argument("--batches", type=int, default=40, help="timed batches per job (after 5 warm-up)")
@@ -153,15 +177,15 @@ def main() -> None:
         args.data = str(make_image_folder(Path(tmp.name), {p: 128 for p in PATTERNS}))
     warmup, step = 5, args.step_ms / 1000
 
-    floor = zmq_floor()
-    handoff = with_producer(args.data, 1, shared_job, (warmup, args.batches, 0.0))[0]["handoff_ns"]
-    slow_job = with_producer(args.data, 1, shared_job, (warmup, 15, 0.25))[0]  # slower than the producer
-    lone = with_producer(args.data, 1, shared_job, (warmup, args.batches, step))[0]["img_s"]
-    shared = [r["img_s"] for r in with_producer(args.data, args.jobs, shared_job, (warmup, args.batches, step))]
-    own = [r["img_s"] for r in run_jobs(own_pipeline_job, (args.data, warmup, args.batches, step), args.jobs)]
+    floor, dev = zmq_floor(), args.device
+    handoff = with_producer(args.data, 1, shared_job, (warmup, args.batches, 0.0), dev)[0]["handoff_ns"]
+    slow_job = with_producer(args.data, 1, shared_job, (warmup, 15, 0.25), dev)[0]  # slower than the producer
+    lone = with_producer(args.data, 1, shared_job, (warmup, args.batches, step), dev)[0]["img_s"]
+    shared = [r["img_s"] for r in with_producer(args.data, args.jobs, shared_job, (warmup, args.batches, step), dev)]
+    own = [r["img_s"] for r in run_jobs(own_pipeline_job, (args.data, dev, warmup, args.batches, step), args.jobs)]
 
     lines = [
-        f"dalishare CPU sharing benchmark: {os.cpu_count()} cores, batches of {BATCH}x224x224x3 uint8, "
+        f"dalishare {dev.upper()} sharing benchmark: {os.cpu_count()} cores, batches of {BATCH}x224x224x3 uint8, "
         f"data {args.data}, emulated step {args.step_ms:.0f} ms, {args.batches} timed batches per job",
         f"hand-off, job waiting (announcement sent -> tensor in job): median {pct(handoff, 0.5):.1f} us, "
         f"p90 {pct(handoff, 0.9):.1f} us ({len(handoff)} batches)",
