@@ -52,7 +52,7 @@ def versions() -> str:
             f"CuPy {cupy.__version__}, DALI {nvidia.dali.__version__}")
 
 
-def run_gpu_tests(timeout: float = 240) -> list[tuple[str, str, float, str]]:
+def run_gpu_tests(timeout: float = 300) -> list[tuple[str, str, float, str]]:
     """(test, outcome, seconds, message) for each test of tests/test_gpu.py."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"

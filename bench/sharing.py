@@ -40,7 +40,7 @@ def shared_job(name: str, warmup: int, batches: int, step_s: float, q) -> None:
     from dalishare import DaliShareIterator
 
     with DaliShareIterator(name, batch_size=BATCH, attach_timeout=120) as loader:
-        done, t0, next_ns, it = 0, None, [], iter(loader)
+        done, images, t0, next_ns, it = 0, 0, None, [], iter(loader)
         while done < warmup + batches:
             start = time.perf_counter_ns()
             batch = next(it, None)
@@ -52,11 +52,12 @@ def shared_job(name: str, warmup: int, batches: int, step_s: float, q) -> None:
             read_every_pixel(batch["images"])
             time.sleep(step_s)
             done += 1
+            images += len(batch["images"]) if t0 is not None else 0  # the last batch of an epoch is smaller
             if done == warmup:
                 loader.handoff_ns.clear()
                 next_ns.clear()
                 t0 = time.monotonic()
-        q.put({"img_s": batches * BATCH / (time.monotonic() - t0), "handoff_ns": list(loader.handoff_ns),
+        q.put({"img_s": images / (time.monotonic() - t0), "handoff_ns": list(loader.handoff_ns),
                "next_ns": next_ns})
 
 
@@ -111,19 +112,18 @@ def own_pipeline_job(data: str, device: str, warmup: int, batches: int, step_s: 
     from dalishare.stage import load_stage, standalone_batches
 
     ds, stage = scan(data), load_stage(STAGE)
-    done, t0 = 0, None
+    done, images, t0 = 0, 0, None
     while done < warmup + batches:
         for batch in standalone_batches(stage, ds.files, BATCH, device=device):
-            if batch.count < BATCH:
-                continue
             read_every_pixel(as_torch(batch))
             time.sleep(step_s)
             done += 1
+            images += batch.count if t0 is not None else 0  # the last batch of an epoch is smaller
             if done == warmup:
                 t0 = time.monotonic()
             if done == warmup + batches:
                 break
-    q.put({"img_s": batches * BATCH / (time.monotonic() - t0), "handoff_ns": []})
+    q.put({"img_s": images / (time.monotonic() - t0), "handoff_ns": []})
 
 
 def run_jobs(target, args: tuple, n: int, timeout: float = 600) -> list[dict]:

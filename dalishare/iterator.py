@@ -187,10 +187,10 @@ class DaliShareIterator:
     def _disconnect(self) -> None:
         """Say goodbye (if attached), stop the heartbeat, close the socket, unmap the ring."""
         if self._releases is not None:  # let the GPU finish reading the ring before leaving it
-            self._release_deferred()
             try:
+                self._release_deferred()
                 self._releases.wait_below(1, timeout=self.batch_timeout)
-            except DalishareError as exc:
+            except Exception as exc:  # a timeout, or a CUDA error: still close everything below
                 log.warning("job %s leaves with GPU reads of the ring still in flight: %s", self.job_id, exc)
             self._releases.forget()
             self._releases = None
@@ -292,7 +292,9 @@ class DaliShareIterator:
                 n = min(size - filled, part.remaining)
                 for out, piece in zip((images, labels, indices), part.take(n)):
                     out[filled : filled + n] = piece
-                if not self._ring.holds(part.msg.slot, part.msg.seq):  # rewritten while we copied
+                # rewritten while we copied? (host rings; on a device ring the copy is only queued
+                # here, and the two-slot rule of NOTE [ Slot ownership ] is what protects it)
+                if not self._ring.holds(part.msg.slot, part.msg.seq):
                     raise _SlotReused(filled + n + part.remaining)
                 filled += n
                 self._finish_if_consumed(part, deferred=False)

@@ -28,6 +28,7 @@ from .stage import StageBatch, build_pipeline, find_undecodable, load_stage, par
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL_S = 0.25  # how often to look for dead jobs and stalls
+DEVICE_FREE_GRACE_S = 2.0  # how long a stopping producer waits for jobs to release device slots
 
 
 @dataclass
@@ -131,6 +132,8 @@ class Producer:
                 finished = (self.stop_reason or "").startswith("finished")
                 self._broadcast(Stop(self.failure or self.stop_reason or "producer stopped",
                                      kind="failed" if self.failure else "finished" if finished else "stopped"))
+                if ring is not None and ring.layout.kind == "device":
+                    self._await_releases(DEVICE_FREE_GRACE_S)
                 sock.close(linger=500)
             if ctx is not None:
                 ctx.term()
@@ -139,6 +142,19 @@ class Producer:
             runtime.socket_path(opts.name).unlink(missing_ok=True)
             lock.release()
             self._pipe = None
+
+    def _await_releases(self, timeout: float) -> None:
+        """Before freeing a device ring, give jobs a moment to finish the GPU reads of the slots
+        they hold: freeing memory another process still reads is undefined behaviour in CUDA."""
+        deadline = time.monotonic() + timeout
+        while any(slot.holders for slot in self._slots) and time.monotonic() < deadline:
+            self._handle_messages(timeout_ms=20)
+            for job in list(self._jobs.values()):
+                if not runtime.pid_alive(job.pid, job.started):
+                    self._detach(job, "died (its process is gone)")
+        held = sum(len(slot.holders) for slot in self._slots)
+        if held:
+            log.warning("freeing the device ring while jobs still hold %d slot(s); they were told to stop", held)
 
     # -- the loop ------------------------------------------------------------------------------
 

@@ -71,12 +71,17 @@ class RingLayout:
     @classmethod
     def from_wire(cls, d: dict) -> "RingLayout":
         try:
-            return cls(kind=str(d["kind"]), segment=str(d["segment"]), slots=int(d["slots"]),
-                       slot_bytes=int(d["slot_bytes"]), gpu=str(d.get("gpu", "")), handle=bytes(d.get("handle", b"")))
+            layout = cls(kind=str(d["kind"]), segment=str(d["segment"]), slots=int(d["slots"]),
+                         slot_bytes=int(d["slot_bytes"]), gpu=str(d.get("gpu", "")), handle=bytes(d.get("handle", b"")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"the producer sent a malformed ring layout ({exc!r}); upgrade dalishare") from None
+        if layout.kind == "device" and (len(layout.handle) != IPC_HANDLE_BYTES or not layout.gpu):
+            raise ProtocolError(f"the producer sent a device ring without a {IPC_HANDLE_BYTES}-byte IPC handle "
+                                f"and a GPU bus id; upgrade dalishare")
+        return layout
 
 
+IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
 HEADER_BYTES = 4096  # one int64 per slot: the seq of the batch a slot holds, -1 while it is written
 MAX_SLOTS = HEADER_BYTES // 8
 SLOT_ALIGN = 512  # slot starts stay aligned for any dtype and for fast device copies

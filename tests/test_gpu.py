@@ -106,13 +106,13 @@ def test_killed_gpu_job_is_reclaimed_and_a_killed_gpu_producer_is_producer_lost(
         assert server.wait() == 0, server.log()
     assert all(sorted(p["indices"]) == list(range(N_SAMPLES)) for p in record["passes"])
 
-    server = Server(dataset, "--device", "gpu", "--batch-size", "4", "--slots", "3")
-    job = GpuJob(tmp_path / "lost.json", batch_size=4, passes=1000, expect_lost=True)
-    job.wait_attached(timeout=120)
-    time.sleep(2)  # consuming
-    server.proc.send_signal(signal.SIGKILL)
-    server.wait()
-    record = job.result(timeout=60)
+    with Server(dataset, "--device", "gpu", "--batch-size", "4", "--slots", "3") as server:
+        job = GpuJob(tmp_path / "lost.json", batch_size=4, passes=1000, expect_lost=True)
+        job.wait_attached(timeout=120)
+        time.sleep(2)  # consuming
+        server.proc.send_signal(signal.SIGKILL)
+        server.wait()
+        record = job.result(timeout=60)
     assert "died" in record["lost"] and not record["mapped_after_close"]
     from dalishare.runtime import clean_stale
 

@@ -87,6 +87,8 @@ def test_a_device_ring_layout_survives_the_wire_and_a_malformed_one_is_a_protoco
     assert RingLayout.from_wire({"kind": "host", "segment": "s", "slots": 2, "slot_bytes": 8}).handle == b""
     with pytest.raises(ProtocolError, match="malformed ring layout"):
         RingLayout.from_wire({"kind": "device", "slots": 2})
+    with pytest.raises(ProtocolError, match="64-byte IPC handle"):
+        RingLayout.from_wire({**layout.to_wire(), "handle": b"short"})
     with pytest.raises(ProtocolError, match="cannot map"):
         attach_ring(RingLayout("tape", "s", 1, 8))
 

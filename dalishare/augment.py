@@ -1,0 +1,414 @@
+"""Per-job augmentation of whole batches: torchvision's names, per-sample random parameters, any device.
+
+The shared stage stops at decode and resize; each job adds its own light, random augmentation on its
+side. These transforms take a whole batch and draw every random parameter per sample, from the job's
+own generator, so two jobs reading the same shared batch augment it differently, and a seed
+reproduces a job's augmentations::
+
+    from dalishare import DaliShareIterator
+    from dalishare.augment import (ColorJitter, Compose, Normalize, RandomHorizontalFlip,
+                                   RandomResizedCrop, ToDtype)
+
+    augment = Compose([ToDtype(torch.float32, scale=True), RandomResizedCrop(224), RandomHorizontalFlip(),
+                       ColorJitter(0.4, 0.4, 0.4, 0.1), Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])],
+                      seed=1)
+    loader = DaliShareIterator("imnet", batch_size=256, augment=augment)  # yields float NCHW batches
+
+Layout: called on a batch dict (what `DaliShareIterator` yields: ``images`` uint8 NHWC), a transform
+views the images as NCHW (no copy) and returns the dict with new NCHW images; called on a tensor, it
+expects NCHW, like torchvision. The input is never written to (it may be a view of the shared ring).
+
+How it runs: parameters are drawn on the CPU (so a seed gives the same parameters on any device) and
+sent to the batch's device without a GPU sync. There is no Python loop over samples: on a GPU each op
+runs on the whole batch at once (the crop-and-resize of all samples is one ``grid_sample``); on the
+CPU the batch goes through the whole chain a chunk of samples at a time, which keeps each chunk in
+cache and was measured faster (bench/augment.py).
+
+Differences from torchvision, on purpose: resizing is bilinear without antialiasing (torchvision's
+``antialias=False``; identical to its default whenever a crop is not larger than the output, as for
+crops of 224-pixel ring images resized to 224), and ColorJitter draws its random order of the four
+adjustments per sample rather than per call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+CPU_CHUNK = 8  # samples per chunk on the CPU (see bench/augment.py)
+
+
+class Transform:
+    """A batched transform. Subclasses draw per-sample parameters in `make_params` (on the CPU) and
+    apply them in `apply` (on the images' device). Floating-point parameters are moved to the images'
+    device; integer and boolean ones stay on the CPU, so they can pick samples without a GPU sync."""
+
+    generator: torch.Generator | None = None
+
+    def make_params(self, n: int, height: int, width: int, generator: torch.Generator | None) -> dict:
+        return {}
+
+    def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return height, width
+
+    def __call__(self, batch, generator: torch.Generator | None = None):
+        return Compose([self], generator=generator or self.generator)(batch)
+
+
+class Compose:
+    """Apply ``transforms`` in order. Random parameters come from ``generator``, or from a new one
+    seeded with ``seed``, or else from torch's global generator. Other callables (a torchvision
+    transform, a function on an NCHW tensor) may be mixed in: they get the whole batch."""
+
+    def __init__(self, transforms: Sequence[Callable], *, seed: int | None = None,
+                 generator: torch.Generator | None = None, cpu_chunk: int = CPU_CHUNK):
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed or generator, not both")
+        self.transforms = list(transforms)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else generator
+        self.cpu_chunk = cpu_chunk
+
+    def __call__(self, batch):
+        images, rebuild = _images_of(batch)
+        n, _, height, width = images.shape
+        params = []
+        for t in self.transforms:  # all parameters first, in order: the same whatever the chunking
+            if isinstance(t, Transform):
+                params.append(_to_device(t.make_params(n, height, width, self.generator), images.device))
+                height, width = t.output_size(height, width)
+            else:
+                params.append(None)
+        chunkable = images.device.type == "cpu" and all(isinstance(t, Transform) for t in self.transforms)
+        step = self.cpu_chunk if chunkable else n
+        out = None
+        for start in range(0, n, step):  # on a GPU (or with other callables): one step, the whole batch
+            part = self._run(images[start : start + step], params, slice(start, start + step))
+            if step == n:
+                return rebuild(part)
+            if out is None:
+                out = torch.empty((n, *part.shape[1:]), dtype=part.dtype, device=part.device)
+            out[start : start + len(part)] = part
+        return rebuild(out if out is not None else images)
+
+    def _run(self, images: torch.Tensor, params: list, rows: slice) -> torch.Tensor:
+        for t, p in zip(self.transforms, params):
+            if isinstance(t, Transform):
+                images = t.apply(images, {k: v[rows] for k, v in p.items()})
+            else:
+                images = t(images)
+        return images
+
+    def __repr__(self) -> str:
+        return f"Compose({self.transforms!r})"
+
+
+class ToDtype(Transform):
+    """Convert the images' dtype; with ``scale``, uint8 [0, 255] <-> float [0, 1] (torchvision's rule)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32, scale: bool = False):
+        self.dtype, self.scale = dtype, scale
+
+    def apply(self, images, params):
+        return _to_dtype(images, self.dtype, self.scale)
+
+    def __repr__(self) -> str:
+        return f"ToDtype({self.dtype}, scale={self.scale})"
+
+
+class Normalize(Transform):
+    """``(images - mean) / std`` per channel, on float images."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean, self.std = list(mean), list(std)
+        if any(s == 0 for s in self.std):
+            raise ValueError(f"std must not contain zeros, got {self.std}")
+
+    def apply(self, images, params):
+        if not images.is_floating_point():
+            raise TypeError(f"Normalize needs float images, got {images.dtype}: put ToDtype(torch.float32, scale=True) first")
+        mean = torch.as_tensor(self.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+        return images.sub(mean).div_(std)
+
+    def __repr__(self) -> str:
+        return f"Normalize(mean={self.mean}, std={self.std})"
+
+
+class RandomHorizontalFlip(Transform):
+    """Mirror each sample left-right with probability ``p``."""
+
+    def __init__(self, p: float = 0.5, *, generator: torch.Generator | None = None):
+        if not 0 <= p <= 1:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        self.p, self.generator = p, generator
+
+    def make_params(self, n, height, width, generator):
+        return {"flip": torch.rand(n, generator=generator) < self.p}
+
+    def apply(self, images, params):
+        rows = _rows(params["flip"], images.device)
+        out = images.clone()
+        if len(rows):
+            out[rows] = images[rows].flip(-1)
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class RandomResizedCrop(Transform):
+    """Crop a random area and aspect ratio of each sample (torchvision's sampling: ten tries, then a
+    centre crop) and resize it to ``size``; all samples in one batched bilinear ``grid_sample``."""
+
+    def __init__(self, size: int | Sequence[int], scale: Sequence[float] = (0.08, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), interpolation: str = "bilinear", antialias: bool = False,
+                 *, generator: torch.Generator | None = None):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(self.size) != 2 or min(self.size) < 1:
+            raise ValueError(f"size must be an int or (height, width), got {size}")
+        if not (0 < scale[0] <= scale[1] and 0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"scale and ratio must be increasing positive ranges, got {scale} and {ratio}")
+        if interpolation != "bilinear" or antialias:
+            raise ValueError("RandomResizedCrop here is bilinear without antialiasing (interpolation='bilinear', "
+                             "antialias=False)")
+        self.scale, self.ratio, self.generator = tuple(scale), tuple(ratio), generator
+
+    def output_size(self, height, width):
+        return self.size
+
+    def make_params(self, n, height, width, generator):
+        tries = 10
+        area = height * width * torch.empty(n, tries).uniform_(*self.scale, generator=generator)
+        log_ratio = torch.empty(n, tries).uniform_(math.log(self.ratio[0]), math.log(self.ratio[1]), generator=generator)
+        aspect = torch.exp(log_ratio)
+        w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = ok.int().argmax(dim=1, keepdim=True)  # the first try that fits
+        w, h, found = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1), ok.any(dim=1)
+        fw, fh = self._fallback(height, width)
+        w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))
+        u = torch.rand(n, 2, generator=generator)
+        top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), float((height - fh) // 2))
+        left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), float((width - fw) // 2))
+        return {"box": torch.stack((top, left, h, w), dim=1)}  # float: it goes to the device
+
+    def _fallback(self, height: int, width: int) -> tuple[int, int]:
+        """torchvision's centre crop when no try fits: (width, height)."""
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            return width, int(round(width / min(self.ratio)))
+        if in_ratio > max(self.ratio):
+            return int(round(height * max(self.ratio))), height
+        return width, height
+
+    def apply(self, images, params):
+        top, left, h, w = params["box"].to(torch.float32).unbind(dim=1)
+        height, width = images.shape[-2:]
+        grid = torch.stack((_axis(left, w, self.size[1], width)[:, None, :].expand(-1, self.size[0], -1),
+                            _axis(top, h, self.size[0], height)[:, :, None].expand(-1, -1, self.size[1])), dim=-1)
+        source = images if images.is_floating_point() else images.float()
+        out = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return out if images.is_floating_point() else out.round_().clamp_(0, 255).to(images.dtype)
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+def _axis(start: torch.Tensor, length: torch.Tensor, out: int, full: int) -> torch.Tensor:
+    """Normalized grid coordinates (n, out) that sample [start, start + length) of an axis of ``full``
+    pixels at ``out`` points, where bilinear ``interpolate(align_corners=False)`` of the crop would."""
+    dst = torch.arange(out, device=start.device, dtype=torch.float32)
+    src = ((dst + 0.5) * (length / out)[:, None] - 0.5).clamp_(min=0)
+    src = torch.minimum(src, (length - 1)[:, None]) + start[:, None]
+    return (2 * src + 1) / full - 1
+
+
+class ColorJitter(Transform):
+    """Random brightness, contrast, saturation and hue, with torchvision's arguments and formulas;
+    each sample gets its own factors and its own random order of the four adjustments."""
+
+    def __init__(self, brightness=0, contrast=0, saturation=0, hue=0, *, generator: torch.Generator | None = None):
+        self.ranges = [_jitter_range(brightness, "brightness"), _jitter_range(contrast, "contrast"),
+                       _jitter_range(saturation, "saturation"),
+                       _jitter_range(hue, "hue", center=0, bound=(-0.5, 0.5), clip_first_on_zero=False)]
+        self.generator = generator
+
+    def make_params(self, n, height, width, generator):
+        order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)  # a random permutation per sample
+        factors = torch.ones(n, 4)
+        factors[:, 3] = 0
+        for k, bounds in enumerate(self.ranges):
+            if bounds is not None:
+                factors[:, k] = torch.empty(n).uniform_(*bounds, generator=generator)
+        return {"order": order, "factors": factors}
+
+    def apply(self, images, params):
+        out = images.clone()
+        order, factors = params["order"], params["factors"]
+        for position in range(4):
+            for k, adjust in enumerate(_ADJUSTMENTS):
+                if self.ranges[k] is None:
+                    continue
+                rows = _rows(order[:, position] == k, images.device)
+                if len(rows):
+                    out[rows] = adjust(out[rows], factors[rows, k].view(-1, 1, 1, 1))
+        return out
+
+    def __repr__(self) -> str:
+        names = ("brightness", "contrast", "saturation", "hue")
+        return "ColorJitter(" + ", ".join(f"{n}={r}" for n, r in zip(names, self.ranges) if r) + ")"
+
+
+def _jitter_range(value, name: str, center: float = 1.0, bound=(0.0, float("inf")), clip_first_on_zero=True):
+    """torchvision's ColorJitter._check_input: a number v means [center - v, center + v]."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"If {name} is a single number, it must be non negative.")
+        value = [center - value, center + value]
+        if clip_first_on_zero:
+            value[0] = max(value[0], 0.0)
+    elif isinstance(value, Sequence) and len(value) == 2:
+        value = [float(v) for v in value]
+    else:
+        raise TypeError(f"{name}={value} should be a single number or a sequence with length 2.")
+    if not bound[0] <= value[0] <= value[1] <= bound[1]:
+        raise ValueError(f"{name} values should be between {bound} and increasing, but got {value}.")
+    return None if value[0] == value[1] == center else (float(value[0]), float(value[1]))
+
+
+# -- the adjustments: torchvision.transforms.v2.functional's formulas, with a factor per sample ------
+
+def _max_value(dtype: torch.dtype) -> float:
+    return 1.0 if dtype.is_floating_point else float(torch.iinfo(dtype).max)
+
+
+def _gray(images: torch.Tensor) -> torch.Tensor:
+    r, g, b = images.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    out = a.mul(ratio).add_(b * (1.0 - ratio)).clamp_(0, _max_value(a.dtype))
+    return out if a.is_floating_point() else out.to(a.dtype)
+
+
+def _brightness(images, factor):
+    out = images.mul(factor).clamp_(0, _max_value(images.dtype))
+    return out if images.is_floating_point() else out.to(images.dtype)
+
+
+def _contrast(images, factor):
+    gray = _gray(images)
+    if not images.is_floating_point():
+        gray = gray.floor_()
+    return _blend(images, gray.mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def _saturation(images, factor):
+    gray = _gray(images)
+    if not images.is_floating_point():
+        gray = gray.floor_()
+    return _blend(images, gray, factor)
+
+
+def _hue(images, factor):
+    hsv = _rgb_to_hsv(_to_dtype(images, torch.float32, scale=True))
+    h, s, v = hsv.unbind(dim=-3)
+    h = h.add(factor.view(-1, 1, 1)).remainder_(1.0)
+    return _to_dtype(_hsv_to_rgb(torch.stack((h, s, v), dim=-3)), images.dtype, scale=True)
+
+
+_ADJUSTMENTS = (_brightness, _contrast, _saturation, _hue)  # torchvision's fn_idx order
+
+
+def _rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
+    r, g, _ = image.unbind(dim=-3)
+    minc, maxc = torch.aminmax(image, dim=-3)
+    eqc = maxc == minc
+    channels_range = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = channels_range / torch.where(eqc, ones, maxc)
+    divisor = torch.where(eqc, ones, channels_range).unsqueeze_(dim=-3)
+    rc, gc, bc = ((maxc.unsqueeze(dim=-3) - image) / divisor).unbind(dim=-3)
+    maxc_neq_r, maxc_eq_g = maxc != r, maxc == g
+    hg = rc.add(2.0).sub_(bc).mul_(maxc_eq_g & maxc_neq_r)
+    hr = bc.sub_(gc).mul_(~maxc_neq_r)
+    hb = gc.add_(4.0).sub_(rc).mul_(maxc_neq_r.logical_and_(maxc_eq_g.logical_not_()))
+    h = hr.add_(hg).add_(hb).mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
+    return torch.stack((h, s, maxc), dim=-3)
+
+
+def _hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
+    h, s, v = img.unbind(dim=-3)
+    h6 = h.mul(6)
+    i = torch.floor(h6)
+    f = h6.sub_(i)
+    i = i.to(dtype=torch.int32)
+    sxf = s * f
+    one_minus_s = 1.0 - s
+    q = (1.0 - sxf).mul_(v).clamp_(0.0, 1.0)
+    t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
+    p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
+    i.remainder_(6)
+    vpqt = torch.stack((v, p, q, t), dim=-3)
+    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.long)
+    select = select.to(device=img.device, non_blocking=True)[:, i].moveaxis(0, -3)
+    return vpqt.gather(-3, select)
+
+
+def _to_dtype(images: torch.Tensor, dtype: torch.dtype, scale: bool) -> torch.Tensor:
+    """torchvision's to_dtype for images."""
+    if images.dtype == dtype:
+        return images
+    if not scale:
+        return images.to(dtype)
+    if images.is_floating_point():
+        if dtype.is_floating_point:
+            return images.to(dtype)
+        return images.mul(_max_value(dtype) + 1.0 - 1e-3).to(dtype)  # torchvision's eps: no rounding pass
+    if dtype.is_floating_point:
+        return images.to(dtype).mul_(1.0 / _max_value(images.dtype))
+    raise TypeError(f"scaling {images.dtype} to {dtype} is not supported")
+
+
+# -- plumbing ------------------------------------------------------------------------------------
+
+def _images_of(batch) -> tuple[torch.Tensor, Callable]:
+    """The NCHW images of ``batch`` and how to put new images back in its place."""
+    if isinstance(batch, dict):
+        images = batch["images"]
+        if images.dim() != 4:
+            raise ValueError(f"batch['images'] must be N,H,W,C, got shape {tuple(images.shape)}")
+        return images.permute(0, 3, 1, 2), lambda new: {**batch, "images": new}
+    if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
+        raise TypeError(f"expected a batch dict or an N,C,H,W tensor, got {type(batch).__name__}")
+    if batch.shape[1] not in (1, 3) and batch.shape[-1] in (1, 3):
+        raise ValueError(f"tensor of shape {tuple(batch.shape)} looks N,H,W,C: pass the batch dict, or "
+                         f"images.permute(0, 3, 1, 2)")
+    return batch, lambda new: new
+
+
+def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Indices of the True rows of a CPU mask, on ``device`` (no GPU sync: the mask is on the CPU)."""
+    return _to_device({"rows": mask.nonzero().squeeze(1)}, device)["rows"]
+
+
+def _to_device(params: dict, device: torch.device) -> dict:
+    """Parameters to ``device``: floating-point ones always, integer ones too when they are row
+    indices; from pinned memory and non-blocking, so the CPU does not wait for the GPU."""
+    if device.type == "cpu":
+        return params
+    moved = {}
+    for key, value in params.items():
+        if value.is_floating_point() or key == "rows":
+            value = value.pin_memory().to(device, non_blocking=True)
+        moved[key] = value
+    return moved
