@@ -18,11 +18,11 @@ Layout: called on a batch dict (what `DaliShareIterator` yields: ``images`` uint
 views the images as NCHW (no copy) and returns the dict with new NCHW images; called on a tensor, it
 expects NCHW, like torchvision. The input is never written to (it may be a view of the shared ring).
 
-How it runs: parameters are drawn on the CPU (so a seed gives the same parameters on any device) and
-sent to the batch's device without a GPU sync. There is no Python loop over samples: on a GPU each op
-runs on the whole batch at once (the crop-and-resize of all samples is one ``grid_sample``); on the
-CPU the batch goes through the whole chain a chunk of samples at a time, which keeps each chunk in
-cache and was measured faster (bench/augment.py).
+How it runs: parameters are drawn on the CPU, for the whole batch, before any is applied (so a seed
+gives the same parameters on any device) and sent to the batch's device without a GPU sync. On a GPU
+there is no Python loop over samples: each op runs on the whole batch at once (the crop-and-resize of
+all samples is one ``grid_sample``). On the CPU each sample goes through the whole chain while it is
+in cache, which bench/augment.py measured faster there than whole-batch ops.
 
 Differences from torchvision, on purpose: resizing is bilinear without antialiasing (torchvision's
 ``antialias=False``; identical to its default whenever a crop is not larger than the output, as for
@@ -38,13 +38,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-CPU_CHUNK = 8  # samples per chunk on the CPU (see bench/augment.py)
-
-
 class Transform:
     """A batched transform. Subclasses draw per-sample parameters in `make_params` (on the CPU) and
-    apply them in `apply` (on the images' device). Floating-point parameters are moved to the images'
-    device; integer and boolean ones stay on the CPU, so they can pick samples without a GPU sync."""
+    apply them to a whole batch in `apply` (on the images' device), or to one sample on the CPU in
+    `apply_one`. Floating-point parameters are moved to the images' device; integer and boolean
+    ones stay on the CPU, so they can pick samples without a GPU sync."""
 
     generator: torch.Generator | None = None
 
@@ -53,6 +51,10 @@ class Transform:
 
     def apply(self, images: torch.Tensor, params: dict) -> torch.Tensor:
         raise NotImplementedError
+
+    def apply_one(self, image: torch.Tensor, params: dict) -> torch.Tensor:
+        """``image`` is one sample (1, C, H, W) on the CPU; ``params`` its parameters as Python values."""
+        return self.apply(image, {k: torch.tensor([v]) for k, v in params.items()})
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         return height, width
@@ -64,45 +66,54 @@ class Transform:
 class Compose:
     """Apply ``transforms`` in order. Random parameters come from ``generator``, or from a new one
     seeded with ``seed``, or else from torch's global generator. Other callables (a torchvision
-    transform, a function on an NCHW tensor) may be mixed in: they get the whole batch."""
+    transform, a function on an NCHW tensor) may be mixed in: they get the whole batch.
+
+    ``sample_by_sample``: run each sample through the whole chain (fastest on the CPU) rather than
+    each op over the whole batch (the GPU way); default: on the CPU only, and only when every
+    transform is one of these. Both ways draw the same parameters.
+    """
 
     def __init__(self, transforms: Sequence[Callable], *, seed: int | None = None,
-                 generator: torch.Generator | None = None, cpu_chunk: int = CPU_CHUNK):
+                 generator: torch.Generator | None = None, sample_by_sample: bool | None = None):
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both")
         self.transforms = list(transforms)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else generator
-        self.cpu_chunk = cpu_chunk
+        self.sample_by_sample = sample_by_sample
 
     def __call__(self, batch):
         images, rebuild = _images_of(batch)
         n, _, height, width = images.shape
         params = []
-        for t in self.transforms:  # all parameters first, in order: the same whatever the chunking
+        for t in self.transforms:  # all parameters first, in order: the same whichever way they are applied
             if isinstance(t, Transform):
                 params.append(_to_device(t.make_params(n, height, width, self.generator), images.device))
                 height, width = t.output_size(height, width)
             else:
                 params.append(None)
-        chunkable = images.device.type == "cpu" and all(isinstance(t, Transform) for t in self.transforms)
-        step = self.cpu_chunk if chunkable else n
-        out = None
-        for start in range(0, n, step):  # on a GPU (or with other callables): one step, the whole batch
-            part = self._run(images[start : start + step], params, slice(start, start + step))
-            if step == n:
-                return rebuild(part)
-            if out is None:
-                out = torch.empty((n, *part.shape[1:]), dtype=part.dtype, device=part.device)
-            out[start : start + len(part)] = part
-        return rebuild(out if out is not None else images)
-
-    def _run(self, images: torch.Tensor, params: list, rows: slice) -> torch.Tensor:
+        ours = all(isinstance(t, Transform) for t in self.transforms)
+        by_sample = self.sample_by_sample if self.sample_by_sample is not None else images.device.type == "cpu"
+        if by_sample and n:
+            if not ours or images.device.type != "cpu":
+                raise ValueError("sample_by_sample needs a CPU batch and dalishare.augment transforms only")
+            return rebuild(self._sample_by_sample(images, params))
         for t, p in zip(self.transforms, params):
-            if isinstance(t, Transform):
-                images = t.apply(images, {k: v[rows] for k, v in p.items()})
-            else:
-                images = t(images)
-        return images
+            images = t.apply(images, p) if isinstance(t, Transform) else t(images)
+        return rebuild(images)
+
+    def _sample_by_sample(self, images: torch.Tensor, params: list[dict]) -> torch.Tensor:
+        """The CPU way: each sample through the whole chain while it is in cache (bench/augment.py
+        measured this faster than whole-batch ops on the CPU, which stream every op through memory)."""
+        values = [{k: v.tolist() for k, v in p.items()} for p in params]
+        out = None
+        for i in range(len(images)):
+            x = images[i : i + 1]
+            for t, p in zip(self.transforms, values):
+                x = t.apply_one(x, {k: v[i] for k, v in p.items()})
+            if out is None:
+                out = torch.empty((len(images), *x.shape[1:]), dtype=x.dtype)
+            out[i] = x[0]
+        return out
 
     def __repr__(self) -> str:
         return f"Compose({self.transforms!r})"
@@ -150,6 +161,9 @@ class RandomHorizontalFlip(Transform):
 
     def make_params(self, n, height, width, generator):
         return {"flip": torch.rand(n, generator=generator) < self.p}
+
+    def apply_one(self, image, params):
+        return image.flip(-1) if params["flip"] else image  # never written to: no copy needed
 
     def apply(self, images, params):
         rows = _rows(params["flip"], images.device)
@@ -207,6 +221,11 @@ class RandomResizedCrop(Transform):
             return int(round(height * max(self.ratio))), height
         return width, height
 
+    def apply_one(self, image, params):
+        top, left, h, w = (int(v) for v in params["box"])  # crop a view, resize it (uint8 natively)
+        crop = image[:, :, top : top + h, left : left + w]
+        return F.interpolate(crop, size=self.size, mode="bilinear", align_corners=False, antialias=False)
+
     def apply(self, images, params):
         top, left, h, w = params["box"].to(torch.float32).unbind(dim=1)
         height, width = images.shape[-2:]
@@ -249,16 +268,22 @@ class ColorJitter(Transform):
         return {"order": order, "factors": factors}
 
     def apply(self, images, params):
-        out = images.clone()
         order, factors = params["order"], params["factors"]
+        bound = _max_value(images.dtype)
+        out = images.to(torch.float32, copy=True)  # adjusted in place, in float; rounded once at the end
         for position in range(4):
             for k, adjust in enumerate(_ADJUSTMENTS):
-                if self.ranges[k] is None:
-                    continue
-                rows = _rows(order[:, position] == k, images.device)
+                rows = _rows(order[:, position] == k, out.device) if self.ranges[k] is not None else ()
                 if len(rows):
-                    out[rows] = adjust(out[rows], factors[rows, k].view(-1, 1, 1, 1))
-        return out
+                    out[rows] = adjust(out[rows], factors[rows, k].view(-1, 1, 1, 1), bound)
+        return out if images.is_floating_point() else out.round_().to(images.dtype)
+
+    def apply_one(self, image, params):
+        out = image.to(torch.float32, copy=True)
+        for k in params["order"]:
+            if self.ranges[k] is not None:
+                out = _ADJUSTMENTS[k](out, params["factors"][k], _max_value(image.dtype))
+        return out if image.is_floating_point() else out.round_().to(image.dtype)
 
     def __repr__(self) -> str:
         names = ("brightness", "contrast", "saturation", "hue")
@@ -284,7 +309,8 @@ def _jitter_range(value, name: str, center: float = 1.0, bound=(0.0, float("inf"
     return None if value[0] == value[1] == center else (float(value[0]), float(value[1]))
 
 
-# -- the adjustments: torchvision.transforms.v2.functional's formulas, with a factor per sample ------
+# -- the adjustments: torchvision.transforms.v2.functional's formulas, in place on float images whose
+# values run up to ``bound`` (255 for uint8 input, 1 for float), with a float or one factor per sample
 
 def _max_value(dtype: torch.dtype) -> float:
     return 1.0 if dtype.is_floating_point else float(torch.iinfo(dtype).max)
@@ -295,38 +321,32 @@ def _gray(images: torch.Tensor) -> torch.Tensor:
     return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
 
 
-def _blend(a: torch.Tensor, b: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    out = a.mul(ratio).add_(b * (1.0 - ratio)).clamp_(0, _max_value(a.dtype))
-    return out if a.is_floating_point() else out.to(a.dtype)
+def _blend_(images: torch.Tensor, other: torch.Tensor, ratio, bound: float) -> torch.Tensor:
+    """``ratio * images + (1 - ratio) * other``, clamped, into ``images``."""
+    return images.mul_(ratio).add_(other.mul_(1.0 - ratio)).clamp_(0, bound)
 
 
-def _brightness(images, factor):
-    out = images.mul(factor).clamp_(0, _max_value(images.dtype))
-    return out if images.is_floating_point() else out.to(images.dtype)
+def _brightness_(images, factor, bound):
+    return images.mul_(factor).clamp_(0, bound)
 
 
-def _contrast(images, factor):
-    gray = _gray(images)
-    if not images.is_floating_point():
-        gray = gray.floor_()
-    return _blend(images, gray.mean(dim=(-3, -2, -1), keepdim=True), factor)
+def _contrast_(images, factor, bound):
+    return _blend_(images, _gray(images).mean(dim=(-3, -2, -1), keepdim=True), factor, bound)
 
 
-def _saturation(images, factor):
-    gray = _gray(images)
-    if not images.is_floating_point():
-        gray = gray.floor_()
-    return _blend(images, gray, factor)
+def _saturation_(images, factor, bound):
+    return _blend_(images, _gray(images), factor, bound)
 
 
-def _hue(images, factor):
-    hsv = _rgb_to_hsv(_to_dtype(images, torch.float32, scale=True))
+def _hue_(images, factor, bound):
+    hsv = _rgb_to_hsv(images if bound == 1 else images.mul_(1.0 / bound))
     h, s, v = hsv.unbind(dim=-3)
-    h = h.add(factor.view(-1, 1, 1)).remainder_(1.0)
-    return _to_dtype(_hsv_to_rgb(torch.stack((h, s, v), dim=-3)), images.dtype, scale=True)
+    h = h.add(factor if isinstance(factor, float) else factor.view(-1, 1, 1)).remainder_(1.0)
+    rgb = _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
+    return rgb if bound == 1 else rgb.mul_(bound)
 
 
-_ADJUSTMENTS = (_brightness, _contrast, _saturation, _hue)  # torchvision's fn_idx order
+_ADJUSTMENTS = (_brightness_, _contrast_, _saturation_, _hue_)  # torchvision's fn_idx order
 
 
 def _rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
