@@ -91,11 +91,10 @@ class Compose:
                 height, width = t.output_size(height, width)
             else:
                 params.append(None)
-        ours = all(isinstance(t, Transform) for t in self.transforms)
-        by_sample = self.sample_by_sample if self.sample_by_sample is not None else images.device.type == "cpu"
-        if by_sample and n:
-            if not ours or images.device.type != "cpu":
-                raise ValueError("sample_by_sample needs a CPU batch and dalishare.augment transforms only")
+        possible = images.device.type == "cpu" and all(isinstance(t, Transform) for t in self.transforms)
+        if self.sample_by_sample and not possible:
+            raise ValueError("sample_by_sample needs a CPU batch and dalishare.augment transforms only")
+        if n and (self.sample_by_sample or (self.sample_by_sample is None and possible)):
             return rebuild(self._sample_by_sample(images, params))
         for t, p in zip(self.transforms, params):
             images = t.apply(images, p) if isinstance(t, Transform) else t(images)
