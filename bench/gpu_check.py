@@ -8,9 +8,12 @@
    never seeing a torn or overwritten batch, a killed job reclaimed and a killed producer turned into
    ProducerLost, IPC mappings closed on close(), a CPU job of a GPU producer and a GPU job of a CPU
    producer (and a job on a second GPU, where there is one).
+   Also the CUDA test of dalishare.augment (tests/test_augment.py).
 2. In one run: images/s of one shared GPU pipeline feeding three jobs versus three jobs each running
    its own DALI GPU pipeline (bench/sharing.py's jobs: no emulated step, every pixel read on the GPU),
    and the hand-off latency (announcement sent -> tensor in a waiting job).
+3. bench/augment.py on the GPU: a training recipe per 256x224x224 batch with dalishare.augment, and
+   with torchvision transforms.v2 sample by sample where torchvision is installed.
 
 Prints a table and writes it to ``--out``. Exits 1 if a check failed, 2 if there is no GPU.
 """
@@ -53,11 +56,11 @@ def versions() -> str:
 
 
 def run_gpu_tests(timeout: float = 300) -> list[tuple[str, str, float, str]]:
-    """(test, outcome, seconds, message) for each test of tests/test_gpu.py."""
+    """(test, outcome, seconds, message) for each test marked ``gpu`` (tests/test_gpu.py, test_augment.py)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_gpu.py"), "-m", "gpu",
+            proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests"), "-m", "gpu",
                                    "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
                                   cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -73,6 +76,17 @@ def run_gpu_tests(timeout: float = 300) -> list[tuple[str, str, float, str]]:
                     outcome, message = tag, (found.get("message") or "").splitlines()[0][:120] if found.get("message") else ""
             rows.append((case.get("name"), outcome, float(case.get("time", 0)), message))
         return rows
+
+
+def augment_costs(timeout: float = 120) -> list[str]:
+    """bench/augment.py on the GPU: dalishare.augment (and torchvision per sample, where installed)."""
+    try:
+        proc = subprocess.run([sys.executable, str(BENCH / "augment.py"), "--device", "cuda", "--reps", "5"],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [f"bench/augment.py did not finish within {timeout:.0f} s"]
+    lines = proc.stdout.strip().splitlines()[1:] if proc.returncode == 0 else [(proc.stdout + proc.stderr)[-300:]]
+    return [" ".join(line.split()) for line in lines]
 
 
 def throughput(data: str, batches: int) -> dict:
@@ -108,6 +122,7 @@ def main() -> int:
     t0 = time.monotonic()
     figures = throughput(args.data, args.batches)
     figures_s = time.monotonic() - t0
+    augment = augment_costs()
 
     table = Table(title=f"dalishare GPU check: {device}", title_justify="left")
     for column, justify in (("check / figure", "left"), ("result", "left"), ("seconds", "right")):
@@ -124,6 +139,8 @@ def main() -> int:
     table.add_row("hand-off, announcement sent -> tensor in a waiting job",
                   f"median {sharing.pct(handoff, 0.5):.0f} us, p90 {sharing.pct(handoff, 0.9):.0f} us "
                   f"({len(handoff)} batches)", "")
+    for line in augment:
+        table.add_row("augment, 256x224x224 batch (bench/augment.py)", line, "")
     table.add_row("whole check", f"data {args.data}, batches of 64x224x224x3 uint8, {args.batches} timed per job",
                   f"{time.monotonic() - started:.0f}")
 

@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .colour import ADJUSTMENTS, max_value, to_dtype
+
 class Transform:
     """A batched transform. Subclasses draw per-sample parameters in `make_params` (on the CPU) and
     apply them to a whole batch in `apply` (on the images' device), or to one sample on the CPU in
@@ -125,7 +127,7 @@ class ToDtype(Transform):
         self.dtype, self.scale = dtype, scale
 
     def apply(self, images, params):
-        return _to_dtype(images, self.dtype, self.scale)
+        return to_dtype(images, self.dtype, self.scale)
 
     def __repr__(self) -> str:
         return f"ToDtype({self.dtype}, scale={self.scale})"
@@ -268,10 +270,10 @@ class ColorJitter(Transform):
 
     def apply(self, images, params):
         order, factors = params["order"], params["factors"]
-        bound = _max_value(images.dtype)
+        bound = max_value(images.dtype)
         out = images.to(torch.float32, copy=True)  # adjusted in place, in float; rounded once at the end
         for position in range(4):
-            for k, adjust in enumerate(_ADJUSTMENTS):
+            for k, adjust in enumerate(ADJUSTMENTS):
                 rows = _rows(order[:, position] == k, out.device) if self.ranges[k] is not None else ()
                 if len(rows):
                     out[rows] = adjust(out[rows], factors[rows, k].view(-1, 1, 1, 1), bound)
@@ -281,7 +283,7 @@ class ColorJitter(Transform):
         out = image.to(torch.float32, copy=True)
         for k in params["order"]:
             if self.ranges[k] is not None:
-                out = _ADJUSTMENTS[k](out, params["factors"][k], _max_value(image.dtype))
+                out = ADJUSTMENTS[k](out, params["factors"][k], max_value(image.dtype))
         return out if image.is_floating_point() else out.round_().to(image.dtype)
 
     def __repr__(self) -> str:
@@ -306,96 +308,6 @@ def _jitter_range(value, name: str, center: float = 1.0, bound=(0.0, float("inf"
     if not bound[0] <= value[0] <= value[1] <= bound[1]:
         raise ValueError(f"{name} values should be between {bound} and increasing, but got {value}.")
     return None if value[0] == value[1] == center else (float(value[0]), float(value[1]))
-
-
-# -- the adjustments: torchvision.transforms.v2.functional's formulas, in place on float images whose
-# values run up to ``bound`` (255 for uint8 input, 1 for float), with a float or one factor per sample
-
-def _max_value(dtype: torch.dtype) -> float:
-    return 1.0 if dtype.is_floating_point else float(torch.iinfo(dtype).max)
-
-
-def _gray(images: torch.Tensor) -> torch.Tensor:
-    r, g, b = images.unbind(dim=-3)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3)
-
-
-def _blend_(images: torch.Tensor, other: torch.Tensor, ratio, bound: float) -> torch.Tensor:
-    """``ratio * images + (1 - ratio) * other``, clamped, into ``images``."""
-    return images.mul_(ratio).add_(other.mul_(1.0 - ratio)).clamp_(0, bound)
-
-
-def _brightness_(images, factor, bound):
-    return images.mul_(factor).clamp_(0, bound)
-
-
-def _contrast_(images, factor, bound):
-    return _blend_(images, _gray(images).mean(dim=(-3, -2, -1), keepdim=True), factor, bound)
-
-
-def _saturation_(images, factor, bound):
-    return _blend_(images, _gray(images), factor, bound)
-
-
-def _hue_(images, factor, bound):
-    hsv = _rgb_to_hsv(images if bound == 1 else images.mul_(1.0 / bound))
-    h, s, v = hsv.unbind(dim=-3)
-    h = h.add(factor if isinstance(factor, float) else factor.view(-1, 1, 1)).remainder_(1.0)
-    rgb = _hsv_to_rgb(torch.stack((h, s, v), dim=-3))
-    return rgb if bound == 1 else rgb.mul_(bound)
-
-
-_ADJUSTMENTS = (_brightness_, _contrast_, _saturation_, _hue_)  # torchvision's fn_idx order
-
-
-def _rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
-    r, g, _ = image.unbind(dim=-3)
-    minc, maxc = torch.aminmax(image, dim=-3)
-    eqc = maxc == minc
-    channels_range = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = channels_range / torch.where(eqc, ones, maxc)
-    divisor = torch.where(eqc, ones, channels_range).unsqueeze_(dim=-3)
-    rc, gc, bc = ((maxc.unsqueeze(dim=-3) - image) / divisor).unbind(dim=-3)
-    maxc_neq_r, maxc_eq_g = maxc != r, maxc == g
-    hg = rc.add(2.0).sub_(bc).mul_(maxc_eq_g & maxc_neq_r)
-    hr = bc.sub_(gc).mul_(~maxc_neq_r)
-    hb = gc.add_(4.0).sub_(rc).mul_(maxc_neq_r.logical_and_(maxc_eq_g.logical_not_()))
-    h = hr.add_(hg).add_(hb).mul_(1.0 / 6.0).add_(1.0).fmod_(1.0)
-    return torch.stack((h, s, maxc), dim=-3)
-
-
-def _hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
-    h, s, v = img.unbind(dim=-3)
-    h6 = h.mul(6)
-    i = torch.floor(h6)
-    f = h6.sub_(i)
-    i = i.to(dtype=torch.int32)
-    sxf = s * f
-    one_minus_s = 1.0 - s
-    q = (1.0 - sxf).mul_(v).clamp_(0.0, 1.0)
-    t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
-    p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
-    i.remainder_(6)
-    vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.long)
-    select = select.to(device=img.device, non_blocking=True)[:, i].moveaxis(0, -3)
-    return vpqt.gather(-3, select)
-
-
-def _to_dtype(images: torch.Tensor, dtype: torch.dtype, scale: bool) -> torch.Tensor:
-    """torchvision's to_dtype for images."""
-    if images.dtype == dtype:
-        return images
-    if not scale:
-        return images.to(dtype)
-    if images.is_floating_point():
-        if dtype.is_floating_point:
-            return images.to(dtype)
-        return images.mul(_max_value(dtype) + 1.0 - 1e-3).to(dtype)  # torchvision's eps: no rounding pass
-    if dtype.is_floating_point:
-        return images.to(dtype).mul_(1.0 / _max_value(images.dtype))
-    raise TypeError(f"scaling {images.dtype} to {dtype} is not supported")
 
 
 # -- plumbing ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 import zmq
 
 from . import protocol, runtime
-from .errors import DalishareError, ProducerLost, ProducerNotFound, ProtocolError
+from .errors import ProducerLost, ProducerNotFound, ProtocolError
 from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
 from .releases import SlotReleases
 from .ring import RingLayout, attach_ring
@@ -110,8 +110,9 @@ class DaliShareIterator:
     is where the ring is. Never write to it (host memory is mapped read-only, so that faults): it
     stays valid until the iterator's next step. On a GPU ring the slot is released once the work
     queued on the current CUDA stream by then has finished (an event, polled), so queue the work
-    that reads a batch on the current stream, or ``.clone()`` it. Keep it longer, or modify it in place, only after ``.clone()``, or pass
-    ``copy=True``. ``augment`` is any callable applied to each batch dict; its result is yielded.
+    that reads a batch on the current stream, or ``.clone()`` it. Keep it longer, or modify it in
+    place, only after ``.clone()``, or pass ``copy=True``. ``augment`` is any callable applied to
+    each batch dict (a `dalishare.augment.Compose`, say); its result is yielded.
 
     Args:
         name: the producer's ``--name``.
