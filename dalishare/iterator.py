@@ -11,89 +11,24 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 import time
-import warnings
 from collections import deque
 from typing import Callable
 
-import numpy as np
 import torch
 import zmq
 
 from . import protocol, runtime
 from .errors import ProducerLost, ProducerNotFound, ProtocolError
-from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
+from .protocol import Batch, Bye, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
+from .heartbeat import HeartbeatThread
 from .releases import SlotReleases
 from .ring import RingLayout, attach_ring
+from .views import ProducerBatch, SlotReused, slot_tensors
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a waiting job checks that its producer is still alive
-
-
-class _ProducerBatch:
-    """A producer batch being consumed: its slot view and how far this job has read into it."""
-
-    def __init__(self, msg: Batch, images: torch.Tensor):
-        self.msg, self.images, self.offset = msg, images, 0
-        self.labels = torch.from_numpy(np.frombuffer(msg.labels, dtype="<i8").astype(np.int64))
-        self.indices = torch.from_numpy(np.frombuffer(msg.indices, dtype="<i8").astype(np.int64))
-
-    @property
-    def remaining(self) -> int:
-        return self.msg.count - self.offset
-
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s = slice(self.offset, self.offset + n)
-        self.offset += n
-        return self.images[s], self.labels[s], self.indices[s]
-
-
-class _SlotReused(Exception):
-    """A slot no longer holds the batch this job was reading: the producer suspended the job."""
-
-    def __init__(self, lost: int):
-        super().__init__(f"{lost} samples lost")
-        self.lost = lost
-
-
-def _slot_tensors(ring) -> tuple[list[torch.Tensor], torch.device]:
-    """Zero-copy uint8 tensors over each slot of ``ring``, and the device they are on."""
-    if ring.device is None:  # host memory, mapped read-only on purpose
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return [torch.frombuffer(ring.slot(k), dtype=torch.uint8) for k in range(ring.layout.slots)], torch.device("cpu")
-    device = torch.device("cuda", ring.device)
-    with torch.cuda.device(device):
-        return [torch.from_dlpack(ring.slot(k)) for k in range(ring.layout.slots)], device
-
-
-class _Heartbeat(threading.Thread):
-    """Tells the producer this job is alive, even while the training thread is busy elsewhere."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str, job_id: int, interval: float):
-        super().__init__(name=f"dalishare-heartbeat-{job_id}", daemon=True)
-        self._ctx, self._endpoint, self._job_id, self._interval = ctx, endpoint, job_id, interval
-        self._stopped = threading.Event()
-
-    def run(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self._endpoint)
-        beat = protocol.encode(Heartbeat(self._job_id))
-        try:
-            while not self._stopped.wait(self._interval):
-                try:
-                    sock.send(beat, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # producer busy or gone: the training thread notices a gone producer
-        finally:
-            sock.close()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self.join(timeout=5)
 
 
 class DaliShareIterator:
@@ -146,12 +81,12 @@ class DaliShareIterator:
         self._suspensions = 0
         self._last: Batch | None = None  # the last producer batch taken from the queue
         self._pending: deque[Batch] = deque()
-        self._current: _ProducerBatch | None = None
+        self._current: ProducerBatch | None = None
         self._deferred: list[int] = []  # seqs of slots whose views were yielded at the last step
         self._releases: SlotReleases | None = None
         self._epoch_over = True
         self._ring = self._heartbeat = self._sock = None
-        self._slot_tensors: list[torch.Tensor] = []
+        self.slot_tensors: list[torch.Tensor] = []
         self.job_id: int | None = None
         self._endpoint = runtime.endpoint(name)
         self._failure: str | None = None  # the producer's own error, when it stopped by failing
@@ -177,12 +112,12 @@ class DaliShareIterator:
         self._sample_shape = tuple(welcome.sample_shape)
         self._dtype = getattr(torch, welcome.dtype)
         self._ring = attach_ring(RingLayout.from_wire(welcome.ring))
-        self._slot_tensors, self.ring_device = _slot_tensors(self._ring)
+        self.slot_tensors, self.ring_device = slot_tensors(self._ring)
         self._target = self.device or self.ring_device
         if self._target.type == "cuda" and self._target.index is None:
             self._target = torch.device("cuda", torch.cuda.current_device())
         self._releases = SlotReleases(self._release, self.ring_device if self.ring_device.type == "cuda" else None)
-        self._heartbeat = _Heartbeat(self._ctx, self._endpoint, self.job_id, self._heartbeat_interval)
+        self._heartbeat = HeartbeatThread(self._ctx, self._endpoint, self.job_id, self._heartbeat_interval)
         self._heartbeat.start()
 
     def _disconnect(self) -> None:
@@ -205,7 +140,7 @@ class DaliShareIterator:
                 except zmq.ZMQError:
                     pass
             self._sock.close(linger=100)
-        self._current, self._slot_tensors, self.job_id = None, [], None
+        self._current, self.slot_tensors, self.job_id = None, [], None
         if self._ring is not None:
             self._ring.close()
             self._ring = None
@@ -263,7 +198,7 @@ class DaliShareIterator:
         while True:
             try:
                 return self._assemble()
-            except _SlotReused as exc:  # suspended while reading: the batch is lost, go on after it
+            except SlotReused as exc:  # suspended while reading: the batch is lost, go on after it
                 self._current = None
                 self.missed_samples += exc.lost
                 self._await_suspension()
@@ -296,7 +231,7 @@ class DaliShareIterator:
                 # rewritten while we copied? (host rings; on a device ring the copy is only queued
                 # here, and the two-slot rule of NOTE [ Slot ownership ] is what protects it)
                 if not self._ring.holds(part.msg.slot, part.msg.seq):
-                    raise _SlotReused(filled + n + part.remaining)
+                    raise SlotReused(filled + n + part.remaining)
                 filled += n
                 self._finish_if_consumed(part, deferred=False)
             if filled < size:  # the epoch (or the producer) ended first: a last, smaller batch
@@ -305,7 +240,7 @@ class DaliShareIterator:
             labels = labels.to(self._target)
         return {"images": images, "labels": labels, "indices": indices}
 
-    def _producer_batch(self) -> _ProducerBatch | None:
+    def _producer_batch(self) -> ProducerBatch | None:
         """The producer batch to read next (blocking for it), or None once the producer stopped or
         the next batch belongs to another epoch (if the epoch's last samples could not be decoded,
         the batch before them was not marked last)."""
@@ -319,11 +254,11 @@ class DaliShareIterator:
             msg = self._pending.popleft()
             self._count_missed(msg)
             self.samples_per_epoch, self.excluded_samples = msg.epoch_size, msg.excluded
-            images = self._slot_tensors[msg.slot][: msg.count * math.prod(self._sample_shape) * self._dtype.itemsize]
+            images = self.slot_tensors[msg.slot][: msg.count * math.prod(self._sample_shape) * self._dtype.itemsize]
             images = images.view(self._dtype).view(msg.count, *self._sample_shape)
-            self._current = _ProducerBatch(msg, images)
+            self._current = ProducerBatch(msg, images)
             if not self._ring.holds(msg.slot, msg.seq):  # voided by a Suspended still on its way
-                raise _SlotReused(msg.count)
+                raise SlotReused(msg.count)
             self.handoff_ns.append(time.monotonic_ns() - msg.sent_ns)
         return self._current
 
@@ -341,7 +276,7 @@ class DaliShareIterator:
             log.warning("job %d continues at epoch %d sample %d: it missed %d samples while suspended "
                         "(%d in all)", self.job_id, msg.epoch, msg.start, missed, self.missed_samples)
 
-    def _finish_if_consumed(self, part: _ProducerBatch, deferred: bool) -> None:
+    def _finish_if_consumed(self, part: ProducerBatch, deferred: bool) -> None:
         if part.remaining:
             return
         if part.msg.last:
