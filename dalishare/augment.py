@@ -138,15 +138,22 @@ class Normalize(Transform):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean, self.std = list(mean), list(std)
+        self._cache: dict = {}
         if any(s == 0 for s in self.std):
             raise ValueError(f"std must not contain zeros, got {self.std}")
 
     def apply(self, images, params):
         if not images.is_floating_point():
             raise TypeError(f"Normalize needs float images, got {images.dtype}: put ToDtype(torch.float32, scale=True) first")
-        mean = torch.as_tensor(self.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+        mean, std = self._constants(images.dtype, images.device)
         return images.sub(mean).div_(std)
+
+    def _constants(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (C, 1, 1) tensors, made once per device (a copy to a GPU would sync it)."""
+        key = (dtype, device)
+        if key not in self._cache:
+            self._cache[key] = tuple(torch.tensor(v, dtype=dtype).view(-1, 1, 1).to(device) for v in (self.mean, self.std))
+        return self._cache[key]
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"

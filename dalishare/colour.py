@@ -74,9 +74,20 @@ def _hsv_to_rgb(img: torch.Tensor) -> torch.Tensor:
     p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
     i.remainder_(6)
     vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.long)
-    select = select.to(device=img.device, non_blocking=True)[:, i].moveaxis(0, -3)
+    select = _hsv_select(img.device)[:, i].moveaxis(0, -3)
     return vpqt.gather(-3, select)
+
+
+_SELECT: dict = {}
+
+
+def _hsv_select(device: torch.device) -> torch.Tensor:
+    """Which of (v, p, q, t) each of r, g, b is, by hue sector; made once per device (a copy to a
+    GPU would sync it)."""
+    if device not in _SELECT:
+        table = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.long)
+        _SELECT[device] = table.to(device)
+    return _SELECT[device]
 
 
 def to_dtype(images: torch.Tensor, dtype: torch.dtype, scale: bool) -> torch.Tensor:
