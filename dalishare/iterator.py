@@ -86,7 +86,7 @@ class DaliShareIterator:
         self._releases: SlotReleases | None = None
         self._epoch_over = True
         self._ring = self._heartbeat = self._sock = None
-        self.slot_tensors: list[torch.Tensor] = []
+        self._slot_tensors: list[torch.Tensor] = []
         self.job_id: int | None = None
         self._endpoint = runtime.endpoint(name)
         self._failure: str | None = None  # the producer's own error, when it stopped by failing
@@ -112,7 +112,7 @@ class DaliShareIterator:
         self._sample_shape = tuple(welcome.sample_shape)
         self._dtype = getattr(torch, welcome.dtype)
         self._ring = attach_ring(RingLayout.from_wire(welcome.ring))
-        self.slot_tensors, self.ring_device = slot_tensors(self._ring)
+        self._slot_tensors, self.ring_device = slot_tensors(self._ring)
         self._target = self.device or self.ring_device
         if self._target.type == "cuda" and self._target.index is None:
             self._target = torch.device("cuda", torch.cuda.current_device())
@@ -140,7 +140,7 @@ class DaliShareIterator:
                 except zmq.ZMQError:
                     pass
             self._sock.close(linger=100)
-        self._current, self.slot_tensors, self.job_id = None, [], None
+        self._current, self._slot_tensors, self.job_id = None, [], None
         if self._ring is not None:
             self._ring.close()
             self._ring = None
@@ -254,7 +254,7 @@ class DaliShareIterator:
             msg = self._pending.popleft()
             self._count_missed(msg)
             self.samples_per_epoch, self.excluded_samples = msg.epoch_size, msg.excluded
-            images = self.slot_tensors[msg.slot][: msg.count * math.prod(self._sample_shape) * self._dtype.itemsize]
+            images = self._slot_tensors[msg.slot][: msg.count * math.prod(self._sample_shape) * self._dtype.itemsize]
             images = images.view(self._dtype).view(msg.count, *self._sample_shape)
             self._current = ProducerBatch(msg, images)
             if not self._ring.holds(msg.slot, msg.seq):  # voided by a Suspended still on its way
