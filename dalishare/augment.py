@@ -32,6 +32,7 @@ adjustments per sample rather than per call.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -67,7 +68,8 @@ class Transform:
 
 class Compose:
     """Apply ``transforms`` in order. Random parameters come from ``generator``, or from a new one
-    seeded with ``seed``, or else from torch's global generator. Other callables (a torchvision
+    seeded with ``seed``, or else from torch's global generator (a transform given its own
+    ``generator`` keeps drawing from that one). Other callables (a torchvision
     transform, a function on an NCHW tensor) may be mixed in: they get the whole batch.
 
     ``sample_by_sample``: run each sample through the whole chain (fastest on the CPU) rather than
@@ -85,26 +87,32 @@ class Compose:
 
     def __call__(self, batch):
         images, rebuild = _images_of(batch)
-        n, _, height, width = images.shape
-        params = []
-        for t in self.transforms:  # all parameters first, in order: the same whichever way they are applied
-            if isinstance(t, Transform):
-                params.append(_to_device(t.make_params(n, height, width, self.generator), images.device))
-                height, width = t.output_size(height, width)
-            else:
-                params.append(None)
         possible = images.device.type == "cpu" and all(isinstance(t, Transform) for t in self.transforms)
         if self.sample_by_sample and not possible:
             raise ValueError("sample_by_sample needs a CPU batch and dalishare.augment transforms only")
-        if n and (self.sample_by_sample or (self.sample_by_sample is None and possible)):
-            return rebuild(self._sample_by_sample(images, params))
-        for t, p in zip(self.transforms, params):
-            images = t.apply(images, p) if isinstance(t, Transform) else t(images)
-        return rebuild(images)
+        if len(images) and (self.sample_by_sample or (self.sample_by_sample is None and possible)):
+            out = self._sample_by_sample(images)
+        else:
+            out = images
+            for t in self.transforms:  # each op's parameters drawn just before it, from the current shape
+                out = t.apply(out, self._params(t, out)) if isinstance(t, Transform) else t(out)
+        if out.untyped_storage().data_ptr() == images.untyped_storage().data_ptr():
+            out = out.clone()  # the output never aliases the input (which may be the shared ring)
+        return rebuild(out)
 
-    def _sample_by_sample(self, images: torch.Tensor, params: list[dict]) -> torch.Tensor:
+    def _params(self, t: Transform, images: torch.Tensor, size: tuple[int, int] | None = None) -> dict:
+        """``t``'s parameters for ``images`` (of ``size``, when given), from its own generator if it
+        has one, else from this Compose's; floating-point ones on the images' device."""
+        n, height, width = len(images), *(size or images.shape[-2:])
+        return _to_device(t.make_params(n, height, width, t.generator or self.generator), images.device)
+
+    def _sample_by_sample(self, images: torch.Tensor) -> torch.Tensor:
         """The CPU way: each sample through the whole chain while it is in cache (bench/augment.py
         measured this faster than whole-batch ops on the CPU, which stream every op through memory)."""
+        params, size = [], tuple(images.shape[-2:])
+        for t in self.transforms:  # the same draws, in the same order, as the whole-batch way
+            params.append(self._params(t, images, size))
+            size = t.output_size(*size)
         values = [{k: v.tolist() for k, v in p.items()} for p in params]
         out = None
         for i in range(len(images)):
@@ -138,22 +146,14 @@ class Normalize(Transform):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean, self.std = list(mean), list(std)
-        self._cache: dict = {}
         if any(s == 0 for s in self.std):
             raise ValueError(f"std must not contain zeros, got {self.std}")
 
     def apply(self, images, params):
         if not images.is_floating_point():
             raise TypeError(f"Normalize needs float images, got {images.dtype}: put ToDtype(torch.float32, scale=True) first")
-        mean, std = self._constants(images.dtype, images.device)
+        mean, std = (_per_channel(v, images.dtype, images.device) for v in (self.mean, self.std))
         return images.sub(mean).div_(std)
-
-    def _constants(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """mean and std as (C, 1, 1) tensors, made once per device (a copy to a GPU would sync it)."""
-        key = (dtype, device)
-        if key not in self._cache:
-            self._cache[key] = tuple(torch.tensor(v, dtype=dtype).view(-1, 1, 1).to(device) for v in (self.mean, self.std))
-        return self._cache[key]
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"
@@ -232,6 +232,8 @@ class RandomResizedCrop(Transform):
     def apply_one(self, image, params):
         top, left, h, w = (int(v) for v in params["box"])  # crop a view, resize it (uint8 natively)
         crop = image[:, :, top : top + h, left : left + w]
+        if image.dtype not in (torch.uint8, torch.float32):  # uint8 and float32 resize natively on the CPU
+            return _back_to(F.interpolate(crop.float(), size=self.size, mode="bilinear", align_corners=False), image.dtype)
         return F.interpolate(crop, size=self.size, mode="bilinear", align_corners=False, antialias=False)
 
     def apply(self, images, params):
@@ -239,12 +241,28 @@ class RandomResizedCrop(Transform):
         height, width = images.shape[-2:]
         grid = torch.stack((_axis(left, w, self.size[1], width)[:, None, :].expand(-1, self.size[0], -1),
                             _axis(top, h, self.size[0], height)[:, :, None].expand(-1, -1, self.size[1])), dim=-1)
-        source = images if images.is_floating_point() else images.float()
-        out = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out if images.is_floating_point() else out.round_().clamp_(0, 255).to(images.dtype)
+        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return _back_to(out, images.dtype)
 
     def __repr__(self) -> str:
         return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).view(-1, 1, 1).to(device)
+
+
+def _per_channel(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a (C, 1, 1) tensor, made once per device (a copy to a GPU would sync it)."""
+    return _constant(tuple(values), dtype, device)
+
+
+def _back_to(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 results back to the input's dtype (integers rounded and clamped)."""
+    if dtype.is_floating_point:
+        return images.to(dtype)
+    return images.round_().clamp_(0, max_value(dtype)).to(dtype)
 
 
 def _axis(start: torch.Tensor, length: torch.Tensor, out: int, full: int) -> torch.Tensor:
@@ -284,14 +302,14 @@ class ColorJitter(Transform):
                 rows = _rows(order[:, position] == k, out.device) if self.ranges[k] is not None else ()
                 if len(rows):
                     out[rows] = adjust(out[rows], factors[rows, k].view(-1, 1, 1, 1), bound)
-        return out if images.is_floating_point() else out.round_().to(images.dtype)
+        return _back_to(out, images.dtype)
 
     def apply_one(self, image, params):
         out = image.to(torch.float32, copy=True)
         for k in params["order"]:
             if self.ranges[k] is not None:
                 out = ADJUSTMENTS[k](out, params["factors"][k], max_value(image.dtype))
-        return out if image.is_floating_point() else out.round_().to(image.dtype)
+        return _back_to(out, image.dtype)
 
     def __repr__(self) -> str:
         names = ("brightness", "contrast", "saturation", "hue")
