@@ -43,48 +43,27 @@ def make_image_folder(root: Path, class_sizes: dict[str, int], seed: int = 0) ->
 
 # -- the jobs' side: augmentations and training ----------------------------------------------------
 
-def _to_small_float(images):
-    """uint8 NHWC -> float NCHW in [0, 1] at 64x64, the tiny model's input (a new tensor: the ring is untouched)."""
-    import torch.nn.functional as F
-
-    x = images.permute(0, 3, 1, 2).float().div_(255)
-    return F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
-
-
-def augment_flip(batch, gen):
+def make_augment(name: str, seed: int):
+    """A job's own augmentation (dalishare.augment): a random crop resized to the tiny model's 64x64
+    input, then the recipe's own twist; float NCHW out, the ring untouched."""
     import torch
 
-    x = _to_small_float(batch["images"])
-    flip = torch.rand(len(x), generator=gen) < 0.5
-    x[flip] = x[flip].flip(-1)
-    return {**batch, "images": x}
+    from dalishare.augment import ColorJitter, Compose, RandomHorizontalFlip, RandomResizedCrop, ToDtype
 
-
-def augment_crop(batch, gen):
-    import torch
-
-    images = batch["images"]
-    top, left = (int(v) for v in torch.randint(0, 33, (2,), generator=gen))
-    return augment_flip({**batch, "images": images[:, top : top + 192, left : left + 192]}, gen)
-
-
-def augment_brightness(batch, gen):
-    import torch
-
-    x = _to_small_float(batch["images"])
-    scale = 0.7 + 0.6 * torch.rand(len(x), 1, 1, 1, generator=gen)
-    return {**batch, "images": (x * scale).clamp_(0, 1)}
+    crop = RandomResizedCrop(64, scale=(0.35, 1.0) if name == "crop+flip" else (0.9, 1.0))
+    twist = {"flip": [RandomHorizontalFlip()], "crop+flip": [RandomHorizontalFlip()],
+             "jitter": [ColorJitter(0.4, 0.4, 0.4)]}[name]
+    return Compose([crop, *twist, ToDtype(torch.float32, scale=True)], seed=seed)
 
 
 @dataclass(frozen=True)
 class JobSpec:
     label: str
     batch_size: int
-    augment: str  # a name in AUGMENTS
+    augment: str  # a recipe of make_augment
 
 
-AUGMENTS = {"flip": augment_flip, "crop+flip": augment_crop, "brightness": augment_brightness}
-JOBS = (JobSpec("A", 32, "flip"), JobSpec("B", 48, "crop+flip"), JobSpec("C", 100, "brightness"))
+JOBS = (JobSpec("A", 32, "flip"), JobSpec("B", 48, "crop+flip"), JobSpec("C", 100, "jitter"))
 
 
 def _tiny_cnn(num_classes: int):
@@ -97,17 +76,14 @@ def _tiny_cnn(num_classes: int):
 
 
 def _train(spec: JobSpec, batches, epochs: int, num_classes: int, report) -> None:
-    """Train the tiny CNN on ``batches(epoch)`` for each epoch; report (samples, loss) as it goes."""
+    """Train the tiny CNN on ``batches(epoch)`` (augmented) for each epoch; report (samples, loss)."""
     import torch
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # three jobs and a producer share two cores
-    gen = torch.Generator().manual_seed(ord(spec.label))
     model = _tiny_cnn(num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     for epoch in range(epochs):
         for batch in batches(epoch):
-            batch = AUGMENTS[spec.augment](batch, gen)
             loss = torch.nn.functional.cross_entropy(model(batch["images"]), batch["labels"])
             opt.zero_grad()
             loss.backward()
@@ -118,7 +94,11 @@ def _train(spec: JobSpec, batches, epochs: int, num_classes: int, report) -> Non
 def shared_job(spec: JobSpec, name: str, epochs: int, num_classes: int, q) -> None:
     from dalishare import DaliShareIterator
 
-    with DaliShareIterator(name, batch_size=spec.batch_size, attach_timeout=120) as loader:
+    import torch
+
+    torch.set_num_threads(1)  # three jobs and a producer share two cores
+    augment = make_augment(spec.augment, seed=ord(spec.label))
+    with DaliShareIterator(name, batch_size=spec.batch_size, augment=augment, attach_timeout=120) as loader:
         _train(spec, lambda _epoch: loader, epochs, num_classes, lambda n, loss: q.put((spec.label, n, loss)))
     q.put((spec.label, None, None))
 
@@ -130,7 +110,9 @@ def alone_job(spec: JobSpec, data: str, epochs: int, num_classes: int, q) -> Non
     from dalishare.dataset import epoch_order, scan
     from dalishare.stage import load_stage, standalone_batches
 
+    torch.set_num_threads(1)
     ds, stage = scan(data), load_stage(STAGE)
+    augment = make_augment(spec.augment, seed=ord(spec.label))
 
     def batches(epoch):
         order = epoch_order(len(ds), 0, epoch)
@@ -139,7 +121,7 @@ def alone_job(spec: JobSpec, data: str, epochs: int, num_classes: int, q) -> Non
                                  standalone_batches(stage, files, spec.batch_size)):
             images = batch.numpy()
             labels = torch.from_numpy(ds.labels[order[start : start + len(images)]])
-            yield {"images": torch.from_numpy(images), "labels": labels}
+            yield augment({"images": torch.from_numpy(images), "labels": labels})
 
     _train(spec, batches, epochs, num_classes, lambda n, loss: q.put((spec.label, n, loss)))
     q.put((spec.label, None, None))
