@@ -99,7 +99,7 @@ def read_every_pixel(images: torch.Tensor) -> None:
 
 def as_torch(batch) -> torch.Tensor:
     """A `StageBatch` as a torch tensor the job owns: a view of DALI's CPU output, or a copy of its GPU one."""
-    if batch.data.__class__.__name__ != "TensorListGPU":
+    if not batch.on_gpu:
         return torch.from_numpy(batch.numpy())
     from nvidia.dali.plugin.pytorch import feed_ndarray
 

@@ -236,8 +236,8 @@ class DaliShareIterator:
                 self._finish_if_consumed(part, deferred=False)
             if filled < size:  # the epoch (or the producer) ended first: a last, smaller batch
                 images, labels, indices = images[:filled], labels[:filled], indices[:filled]
-        if self._target.type != "cpu":
-            labels = labels.to(self._target)
+        if self._target.type != "cpu":  # pinned and non-blocking: a plain copy would wait for the GPU
+            labels = labels.pin_memory().to(self._target, non_blocking=True)
         return {"images": images, "labels": labels, "indices": indices}
 
     def _producer_batch(self) -> ProducerBatch | None:

@@ -149,9 +149,7 @@ class Producer:
         deadline = time.monotonic() + timeout
         while any(slot.holders for slot in self._slots) and time.monotonic() < deadline:
             self._handle_messages(timeout_ms=20)
-            for job in list(self._jobs.values()):
-                if not runtime.pid_alive(job.pid, job.started):
-                    self._detach(job, "died (its process is gone)")
+            self._detach_dead()
         held = sum(len(slot.holders) for slot in self._slots)
         if held:
             log.warning("freeing the device ring while jobs still hold %d slot(s); they were told to stop", held)
@@ -353,15 +351,19 @@ class Producer:
         """
         now = time.monotonic()
         self._suspend_stallers(now)
+        self._detach_dead()
         for job in list(self._jobs.values()):
-            if not runtime.pid_alive(job.pid, job.started):
-                self._detach(job, "died (its process is gone)")
-            elif now - job.last_seen > self.options.heartbeat_timeout and now >= job.next_probe:
+            if now - job.last_seen > self.options.heartbeat_timeout and now >= job.next_probe:
                 job.next_probe = now + self.options.heartbeat_timeout
                 if self._send(job, Heartbeat(job.id)) and not job.silent:
                     job.silent = True
                     log.warning("job %d (pid %d) is alive but sent no heartbeat for %.0f s; "
                                 "the jobs wait for it", job.id, job.pid, now - job.last_seen)
+
+    def _detach_dead(self) -> None:
+        for job in list(self._jobs.values()):
+            if not runtime.pid_alive(job.pid, job.started):
+                self._detach(job, "died (its process is gone)")
 
     def _suspend_stallers(self, now: float) -> None:
         """Suspend the jobs that held the others back for longer than the stall timeout.

@@ -85,11 +85,15 @@ class StageBatch:
         on the same GPU for a GPU one). Returns when the copy has finished."""
         self.data.copy_to_external(ctypes.c_void_p(address))  # GPU: blocking, on a DALI stream
 
-    def numpy(self) -> np.ndarray:
-        """The batch as a NumPy array (copied off the GPU if it is there)."""
+    @property
+    def on_gpu(self) -> bool:
         from nvidia.dali.tensors import TensorListGPU
 
-        data = self.data.as_cpu() if isinstance(self.data, TensorListGPU) else self.data
+        return isinstance(self.data, TensorListGPU)
+
+    def numpy(self) -> np.ndarray:
+        """The batch as a NumPy array (copied off the GPU if it is there)."""
+        data = self.data.as_cpu() if self.on_gpu else self.data
         return np.asarray(data.as_tensor())  # a view of DALI's CPU buffer
 
 

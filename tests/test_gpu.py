@@ -119,29 +119,17 @@ def test_killed_gpu_job_is_reclaimed_and_a_killed_gpu_producer_is_producer_lost(
     clean_stale("t")
 
 
-def test_cpu_job_of_a_gpu_producer_and_gpu_job_of_a_cpu_producer_get_one_copy(dataset, tmp_path):
-    expected = expected_checksums(dataset, "gpu", epochs=1)
-    with Server(dataset, "--device", "gpu", "--batch-size", str(PRODUCER_BATCH), "--epochs", "1") as server:
-        record = GpuJob(tmp_path / "cpu.json", batch_size=PRODUCER_BATCH, device="cpu").result()
+@pytest.mark.parametrize("producer, job, ring", [
+    ("gpu", "cpu", "cuda:0"),     # a CPU job of a GPU producer: one copy off the GPU
+    ("cpu", "cuda:0", "cpu"),     # a GPU job of a CPU producer: one copy onto the GPU
+    pytest.param("gpu:0", "cuda:1", "cuda:0", marks=pytest.mark.skipif(_gpus() < 2, reason="needs two GPUs")),
+], ids=["cpu-job-gpu-ring", "gpu-job-host-ring", "peer-gpu"])
+def test_a_job_on_another_device_gets_one_copy_of_each_batch(dataset, tmp_path, producer, job, ring):
+    expected = expected_checksums(dataset, "cpu" if producer == "cpu" else "gpu", epochs=1)
+    with Server(dataset, "--device", producer, "--batch-size", str(PRODUCER_BATCH), "--epochs", "1") as server:
+        record = GpuJob(tmp_path / "job.json", batch_size=5, device=job).result()  # 5: views and spanning copies
         assert server.wait() == 0, server.log()
-    assert record["device"] == "cpu" and record["ring_device"] == "cuda:0"
-    check_exactly_once_and_pixels(record, expected)
-
-    expected = expected_checksums(dataset, "cpu", epochs=1)
-    with Server(dataset, "--device", "cpu", "--batch-size", str(PRODUCER_BATCH), "--epochs", "1") as server:
-        record = GpuJob(tmp_path / "gpu.json", batch_size=PRODUCER_BATCH, device="cuda:0").result()
-        assert server.wait() == 0, server.log()
-    assert record["device"] == "cuda:0" and record["ring_device"] == "cpu"
-    check_exactly_once_and_pixels(record, expected)
-
-
-@pytest.mark.skipif(_gpus() < 2, reason="needs two GPUs")
-def test_a_job_on_another_gpu_gets_peer_copies(dataset, tmp_path):
-    expected = expected_checksums(dataset, "gpu", epochs=1)
-    with Server(dataset, "--device", "gpu:0", "--batch-size", str(PRODUCER_BATCH), "--epochs", "1") as server:
-        record = GpuJob(tmp_path / "peer.json", batch_size=5, device="cuda:1").result()
-        assert server.wait() == 0, server.log()
-    assert record["device"] == "cuda:1" and record["ring_device"] == "cuda:0" and record["in_ring"] == 0
+    assert record["device"] == job and record["ring_device"] == ring and record["in_ring"] == 0
     check_exactly_once_and_pixels(record, expected)
 
 
