@@ -8,6 +8,7 @@ import signal
 import sys
 
 from .errors import DalishareError
+from .ring import DEFAULT_SLOTS
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="default", help="name jobs attach to (default: %(default)s)")
     serve.add_argument("--batch-size", type=int, default=64, help="producer batch (default: %(default)s)")
     serve.add_argument("--device", default="cpu", help="where the stage runs: cpu, gpu or gpu:K, the K-th visible GPU (default: %(default)s)")
-    serve.add_argument("--slots", type=int, default=4, help="ring size in batches (default: %(default)s)")
+    serve.add_argument("--slots", type=int, default=DEFAULT_SLOTS, help="ring size in batches (default: %(default)s)")
     serve.add_argument("--seed", type=int, default=0, help="seed of the epoch orders (default: %(default)s)")
     serve.add_argument("--epochs", type=int, default=None, help="stop after N epochs (default: run until stopped)")
     serve.add_argument("--min-consumers", type=int, default=1,

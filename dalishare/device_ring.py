@@ -93,6 +93,15 @@ def _close_ipc(ptr: int, gpu: int) -> None:
         pass
 
 
+class _Lease:
+    """Owner of one yielded view's device memory (see `DeviceRingView.lease`)."""
+
+    __slots__ = ("ring_array", "__weakref__")
+
+    def __init__(self, ring_array):
+        self.ring_array = ring_array
+
+
 class DeviceRingView:
     """Job side of a `DeviceRing`: the allocation opened once through its IPC handle."""
 
@@ -126,6 +135,16 @@ class DeviceRingView:
     def slot(self, k: int):
         """Slot k as a CuPy uint8 array (zero copy); ``torch.from_dlpack`` turns it into a tensor."""
         return self._array[k]
+
+    def lease(self, k: int, offset: int, nbytes: int):
+        """``nbytes`` of slot k from ``offset`` as a new CuPy array (zero copy) and its lease: an
+        object that lives exactly as long as the array and any tensor made from it (the DLPack
+        capsule holds the array, the array its memory, the memory its owner). See keep.py."""
+        lease = _Lease(self._array)  # also keeps the IPC mapping open while the view lives
+        cp = cupy()
+        memory = cp.cuda.UnownedMemory(self._array.data.ptr + k * self.layout.slot_bytes + offset, nbytes,
+                                       lease, self.device)
+        return cp.ndarray((nbytes,), cp.uint8, cp.cuda.MemoryPointer(memory, 0)), lease
 
     def holds(self, k: int, seq: int) -> bool:
         return self._header.holds(k, seq)

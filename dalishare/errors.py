@@ -31,3 +31,8 @@ class ProducerLost(DalishareError):
 
 class AlreadyServing(DalishareError):
     """Another live producer already serves under this name."""
+
+
+class BatchHeldTooLong(DalishareError):
+    """A job still holds a view of a batch after taking more further batches than its ``keep``
+    allows: releasing the slot would let the producer overwrite pixels the job may still read."""

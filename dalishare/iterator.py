@@ -19,12 +19,13 @@ import torch
 import zmq
 
 from . import protocol, runtime
-from .errors import ProducerLost, ProducerNotFound, ProtocolError
-from .protocol import Batch, Bye, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
+from .errors import BatchHeldTooLong, ProducerLost, ProducerNotFound, ProtocolError
+from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
 from .heartbeat import HeartbeatThread
+from .keep import KeepWindow
 from .releases import SlotReleases
 from .ring import RingLayout, attach_ring
-from .views import ProducerBatch, SlotReused, slot_tensors
+from .views import ProducerBatch, SlotReused, leased_view, slot_tensors
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,14 @@ class DaliShareIterator:
     gets the rest of that epoch.
 
     ``images`` is a view of the ring (no copy) when it lies inside one producer batch and ``device``
-    is where the ring is. Never write to it (host memory is mapped read-only, so that faults): it
-    stays valid until the iterator's next step. On a GPU ring the slot is released once the work
-    queued on the current CUDA stream by then has finished (an event, polled), so queue the work
-    that reads a batch on the current stream, or ``.clone()`` it. Keep it longer, or modify it in
-    place, only after ``.clone()``, or pass ``copy=True``. ``augment`` is any callable applied to
+    is where the ring is. Never write to it (host memory is mapped read-only, so that faults). It
+    stays valid while anything refers to it, up to ``keep`` further batches: a loop that takes the
+    next batch before it is done with this one (a one-ahead prefetcher, Lightning's fetcher, a
+    pinning thread) is safe with the default ``keep=2``. A view still referenced after ``keep``
+    further batches raises `BatchHeldTooLong` instead of changing under the job: ``.clone()`` what
+    you keep longer, or pass ``copy=True``. On a GPU ring a slot is given back once the work queued on
+    the current CUDA stream by then has finished (an event, polled), so queue the work that reads a
+    batch on the current stream (or make it wait for yours). ``augment`` is any callable applied to
     each batch dict (a `dalishare.augment.Compose`, say); its result is yielded.
 
     Args:
@@ -55,6 +59,8 @@ class DaliShareIterator:
         device: where batches go (default: where the ring is). Another GPU or the CPU costs one copy.
         augment: callable applied to each batch dict on this job's side.
         copy: yield tensors the job owns instead of views of the ring.
+        keep: how many further batches the job may take while still using a view (default 2; 0:
+            unchecked, a view is given back at the next step whatever refers to it).
         attach_timeout: seconds to wait for the producer to answer, then `ProducerNotFound`.
         batch_timeout: seconds to wait for the next batch from a live producer, then `ProducerLost`.
         reconnect: when the producer dies, fails or is stopped by a signal, wait up to
@@ -63,7 +69,7 @@ class DaliShareIterator:
     """
 
     def __init__(self, name: str = "default", batch_size: int | None = None, device=None,
-                 augment: Callable | None = None, *, copy: bool = False, attach_timeout: float = 60.0,
+                 augment: Callable | None = None, *, copy: bool = False, keep: int = 2, attach_timeout: float = 60.0,
                  batch_timeout: float = 600.0, heartbeat_interval: float = 1.0, reconnect: bool = False,
                  reconnect_timeout: float = 600.0):
         if batch_size is not None and batch_size < 1:
@@ -82,7 +88,8 @@ class DaliShareIterator:
         self._last: Batch | None = None  # the last producer batch taken from the queue
         self._pending: deque[Batch] = deque()
         self._current: ProducerBatch | None = None
-        self._deferred: list[int] = []  # seqs of slots whose views were yielded at the last step
+        self._window = KeepWindow(keep)  # slots read and not given back yet: NOTE [ Slot ownership ]
+        self._taken = -1  # seq of the newest producer batch taken from the queue; sent in heartbeats
         self._releases: SlotReleases | None = None
         self._epoch_over = True
         self._ring = self._heartbeat = self._sock = None
@@ -111,20 +118,27 @@ class DaliShareIterator:
         self.batch_size = self._requested_batch_size or welcome.batch_size
         self._sample_shape = tuple(welcome.sample_shape)
         self._dtype = getattr(torch, welcome.dtype)
+        self._sample_bytes = math.prod(self._sample_shape) * self._dtype.itemsize
         self._ring = attach_ring(RingLayout.from_wire(welcome.ring))
         self._slot_tensors, self.ring_device = slot_tensors(self._ring)
+        if self._ring.layout.slots < self._window.keep + 2:
+            log.warning("producer %r has %d slots: a job that uses keep=%d views at once needs %d; it will "
+                        "get BatchHeldTooLong if it does (serve with more --slots, or lower keep)", self.name,
+                        self._ring.layout.slots, self._window.keep, self._window.keep + 2)
         self._target = self.device or self.ring_device
         if self._target.type == "cuda" and self._target.index is None:
             self._target = torch.device("cuda", torch.cuda.current_device())
         self._releases = SlotReleases(self._release, self.ring_device if self.ring_device.type == "cuda" else None)
-        self._heartbeat = HeartbeatThread(self._ctx, self._endpoint, self.job_id, self._heartbeat_interval)
+        self._heartbeat = HeartbeatThread(self._ctx, self._endpoint, self.job_id, self._heartbeat_interval,
+                                          taken=lambda: self._taken)
         self._heartbeat.start()
 
     def _disconnect(self) -> None:
         """Say goodbye (if attached), stop the heartbeat, close the socket, unmap the ring."""
         if self._releases is not None:  # let the GPU finish reading the ring before leaving it
             try:
-                self._release_deferred()
+                for seq in self._window.take_all():  # the job leaves: views it still holds may change now
+                    self._releases.done_reading(seq)
                 self._releases.wait_below(1, timeout=self.batch_timeout)
             except Exception as exc:  # a timeout, or a CUDA error: still close everything below
                 log.warning("job %s leaves with GPU reads of the ring still in flight: %s", self.job_id, exc)
@@ -155,7 +169,8 @@ class DaliShareIterator:
             time.sleep(POLL_S)  # until it is gone, its socket could swallow our hello
         self._disconnect()
         self._pending.clear()
-        self._deferred.clear()  # their seqs mean other slots to the next producer
+        self._window.forget()  # their seqs mean other slots to the next producer
+        self._taken = -1
         self._last = self.stop_reason = self._failure = self._stop_kind = None
         self._epoch_over, self.epoch = True, None
         try:
@@ -177,7 +192,10 @@ class DaliShareIterator:
             return
         self.epoch, self._epoch_over = head.epoch, False
         while (batch := self._next_batch()) is not None:
-            yield self.augment(batch) if self.augment is not None else batch
+            if self.augment is not None:
+                batch = self.augment(batch)
+            yield batch
+            del batch  # this frame must not be what keeps a view alive (keep.py)
 
     def close(self) -> None:
         """Detach from the producer, stop the heartbeat, unmap the ring. Safe to call twice."""
@@ -194,10 +212,13 @@ class DaliShareIterator:
     # -- rebatching ----------------------------------------------------------------------------
 
     def _next_batch(self) -> dict | None:
-        self._release_deferred()
+        self._give_back()
         while True:
             try:
-                return self._assemble()
+                batch = self._assemble()
+                if batch is not None:
+                    self._window.stepped()
+                return batch
             except SlotReused as exc:  # suspended while reading: the batch is lost, go on after it
                 self._current = None
                 self.missed_samples += exc.lost
@@ -210,12 +231,17 @@ class DaliShareIterator:
         if first is None:
             return None
         if first.remaining >= self.batch_size or first.msg.last:  # inside one producer batch: a view
-            images, labels, indices = first.take(min(self.batch_size, first.remaining))
-            self._finish_if_consumed(first, deferred=True)
+            n, offset = min(self.batch_size, first.remaining), first.offset
+            images, labels, indices = first.take(n)
             if images.device != self._target:
                 images = images.to(self._target)  # one copy: to the CPU (synchronous), another GPU, or a GPU
             elif self.copy:
                 images = images.clone()
+            else:  # a view with a storage of its own, so the window knows while it is referenced
+                images, lease = leased_view(self._ring, first.msg.slot, offset * self._sample_bytes,
+                                            (n, *self._sample_shape), self._dtype, self.ring_device)
+                self._window.viewed(first.msg.seq, lease)
+            self._finish_if_consumed(first)
         else:  # spans producer batches: assemble into a tensor this job owns, up to the epoch's end
             size = self.batch_size
             images = torch.empty((size, *self._sample_shape), dtype=self._dtype, device=self._target)
@@ -233,7 +259,7 @@ class DaliShareIterator:
                 if not self._ring.holds(part.msg.slot, part.msg.seq):
                     raise SlotReused(filled + n + part.remaining)
                 filled += n
-                self._finish_if_consumed(part, deferred=False)
+                self._finish_if_consumed(part)
             if filled < size:  # the epoch (or the producer) ended first: a last, smaller batch
                 images, labels, indices = images[:filled], labels[:filled], indices[:filled]
         if self._target.type != "cpu":  # pinned and non-blocking: a plain copy would wait for the GPU
@@ -252,6 +278,7 @@ class DaliShareIterator:
                 self._epoch_over = True
                 return None
             msg = self._pending.popleft()
+            self._taken = msg.seq
             self._count_missed(msg)
             self.samples_per_epoch, self.excluded_samples = msg.epoch_size, msg.excluded
             images = self._slot_tensors[msg.slot][: msg.count * math.prod(self._sample_shape) * self._dtype.itemsize]
@@ -276,31 +303,30 @@ class DaliShareIterator:
             log.warning("job %d continues at epoch %d sample %d: it missed %d samples while suspended "
                         "(%d in all)", self.job_id, msg.epoch, msg.start, missed, self.missed_samples)
 
-    def _finish_if_consumed(self, part: ProducerBatch, deferred: bool) -> None:
+    def _finish_if_consumed(self, part: ProducerBatch) -> None:
+        """All of ``part`` is taken: it is given back as soon as no view of it is in use (keep.py)."""
         if part.remaining:
             return
         if part.msg.last:
             self._epoch_over = True
         self._current = None
-        if deferred:  # a view of it was yielded: keep the slot until the next step
-            self._deferred.append(part.msg.seq)
-        else:
-            self._releases.done_reading(part.msg.seq)
+        self._window.consumed(part.msg.seq)
+        self._give_back()
 
     def _skip_rest_of_epoch(self) -> None:
         """A new pass starts a new epoch: release what is left of an abandoned one."""
-        self._release_deferred()
+        self._give_back()
         while not self._epoch_over:
             part = self._producer_batch()
             if part is None:
                 break
             part.take(part.remaining)
-            self._finish_if_consumed(part, deferred=False)
+            self._finish_if_consumed(part)
 
-    def _release_deferred(self) -> None:
-        for seq in self._deferred:
+    def _give_back(self) -> None:
+        """Release the slots the keep rule no longer holds (after their GPU reads, on a device ring)."""
+        for seq in self._window.releasable():
             self._releases.done_reading(seq)
-        self._deferred.clear()
 
     def _release(self, seq: int) -> None:
         try:
@@ -311,7 +337,7 @@ class DaliShareIterator:
     # -- control channel ------------------------------------------------------------------------
 
     def _attach(self, timeout: float) -> Welcome:
-        self._sock.send(protocol.encode(Hello(os.getpid())))
+        self._sock.send(protocol.encode(Hello(os.getpid(), keep=self._window.keep)))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self._sock.poll(POLL_S * 1000):
@@ -335,6 +361,8 @@ class DaliShareIterator:
 
     def _wait_for_batch(self) -> None:
         """Receive until a batch is pending or the producer stopped; a dead producer raises `ProducerLost`."""
+        if not self._pending and self.stop_reason is None and not self._failure:
+            self._announce_waiting()
         deadline = time.monotonic() + self.batch_timeout
         while not self._pending and self.stop_reason is None and not self._failure:
             self._releases.poll()  # the producer may be waiting for a slot our GPU just finished with
@@ -356,6 +384,24 @@ class DaliShareIterator:
         if self._failure:
             raise ProducerLost(f"producer {self.name!r} (pid {self.producer_pid}) failed: {self._failure}; "
                                f"fix the cause in its log, restart it and this job")
+
+    def _announce_waiting(self) -> None:
+        """About to wait for a batch: give back what we can, fail if we hold the whole ring ourselves,
+        and tell the producer we wait (for its stall policy: NOTE [ Slot ownership ])."""
+        self._receive_all()
+        if self._pending:
+            return
+        self._give_back()
+        held = self._window.held  # GPU reads in flight end by themselves; views in use do not
+        if held >= self._ring.layout.slots:
+            raise BatchHeldTooLong(
+                f"job {self.job_id} holds all {held} slots of producer {self.name!r} (views it still uses, "
+                f"keep={self._window.keep}), so no new batch can come: serve with more --slots "
+                f"(keep + 2 at least), hold fewer batches at once, `.clone()` them, or pass copy=True")
+        try:
+            self._sock.send(protocol.encode(Heartbeat(self.job_id, self._taken)), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # a gone producer is reported by the wait
 
     def _receive_all(self) -> None:
         while True:

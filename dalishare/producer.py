@@ -22,7 +22,7 @@ from .dataset import scan
 from .feed import EpochFeed, Plan
 from .errors import ConfigError, ProtocolError
 from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
-from .ring import MAX_SLOTS, create_ring
+from .ring import DEFAULT_SLOTS, MAX_SLOTS, create_ring
 from .stage import StageBatch, build_pipeline, find_undecodable, load_stage, parse_device
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class _Job:
     identity: bytes
     last_seen: float
     started: int | None = None  # the job process's start time, to tell it from a later one with its pid
+    keep: int = 2             # from its Hello: it may be reading its keep+2 oldest held slots
+    taken: int = -1           # newest seq it has begun to read (its heartbeats); held seqs above are unread
     silent: bool = False      # warned about a missing heartbeat
     suspended: bool = False   # stalled: gets no announcements until it resumes
     last_progress: float = field(default_factory=time.monotonic)  # its last release (or attach, resume)
@@ -55,7 +57,7 @@ class ServeOptions:
     name: str = "default"
     batch_size: int = 64
     device: str = "cpu"
-    slots: int = 4
+    slots: int = DEFAULT_SLOTS
     seed: int = 0
     epochs: int | None = None          # None: serve until stopped
     min_consumers: int = 1
@@ -118,8 +120,6 @@ class Producer:
             self._ring, self._sock = ring, sock
             self._slots = [_Slot() for _ in range(opts.slots)]
             self._seq, self._started, self._done = 0, False, False
-            if opts.slots < 3:
-                log.warning("with fewer than 3 slots a stalled job cannot be suspended (it keeps 2)")
             log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots in %s memory, at %s",
                      opts.name, len(dataset), len(dataset.classes), opts.batch_size, self._sample_shape,
                      self._dtype, opts.slots, opts.device, runtime.endpoint(opts.name))
@@ -166,10 +166,25 @@ class Producer:
                 next_reap = time.monotonic() + REAP_INTERVAL_S
             if self._can_produce():
                 self._produce()
-            elif self._done and all(self._jobs[j].suspended for s in self._slots for j in s.holders):
-                self.stop(f"finished {self.options.epochs} epochs")  # the jobs released the last epoch
+            elif self._done and all(self._finished_with(job) for job in self._jobs.values()):
+                self.stop(f"finished {self.options.epochs} epochs")
         log.info("stopping %r: %s (%d batches served, %d control messages dropped)",
                  self.options.name, self.stop_reason, self.batches_served, self.bad_messages)
+
+    def _unread(self, job: _Job) -> list[int]:
+        """Seqs the job holds and has not begun to read (as far as its last heartbeat says)."""
+        return [s.batch.seq for s in self._slots if job.id in s.holders and s.batch.seq > job.taken]
+
+    def _finished_with(self, job: _Job) -> bool:
+        """After the last epoch: whether the producer may stop without pulling anything from under
+        the job. A host ring stays mapped in the job after the producer is gone, so having begun to
+        read every batch it holds is enough (it may keep the last views as long as it likes); device
+        memory is freed, so there the job must have released every slot."""
+        if job.suspended:
+            return True
+        if self._ring.layout.kind == "device":
+            return not any(job.id in s.holders for s in self._slots)
+        return not self._unread(job)
 
     def _can_produce(self) -> bool:
         if self._done or all(job.suspended for job in self._jobs.values()):  # nobody to produce for
@@ -281,7 +296,6 @@ class Producer:
         job.last_seen, job.silent = time.monotonic(), False
         if isinstance(msg, Release):
             job.last_progress = job.last_seen
-        if isinstance(msg, Release):
             for slot in self._slots:
                 if slot.batch is not None and slot.batch.seq == msg.seq:
                     slot.holders.pop(job.id, None)
@@ -289,7 +303,9 @@ class Producer:
             self._resume(job, msg.after_seq)
         elif isinstance(msg, Bye):
             self._detach(job, f"left: {msg.reason}")
-        elif not isinstance(msg, Heartbeat):
+        elif isinstance(msg, Heartbeat):
+            job.taken = max(job.taken, msg.taken)
+        else:
             self._drop(f"unexpected {type(msg).__name__} from job {job.id}")
 
     def _attach(self, identity: bytes, hello: Hello) -> None:
@@ -303,7 +319,7 @@ class Producer:
         job_id = secrets.randbits(31)
         while job_id in self._jobs:
             job_id = secrets.randbits(31)
-        job = _Job(job_id, hello.pid, identity, time.monotonic(), runtime.process_start(hello.pid))
+        job = _Job(job_id, hello.pid, identity, time.monotonic(), runtime.process_start(hello.pid), keep=hello.keep)
         self._jobs[job.id] = job
         if not self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(), ring=self._ring.layout.to_wire(),
                                 sample_shape=self._sample_shape, dtype=self._dtype.name,
@@ -312,7 +328,11 @@ class Producer:
             return
         for slot in self._resident_of_current_epoch():
             self._announce(job, slot)
-        log.info("job %d (pid %d) attached; %d jobs", job.id, job.pid, len(self._jobs))
+        log.info("job %d (pid %d, keep=%d) attached; %d jobs", job.id, job.pid, job.keep, len(self._jobs))
+        if len(self._slots) < job.keep + 3:
+            log.warning("job %d keeps views for %d batches: with %d slots it cannot be suspended if it stalls "
+                        "(it would keep %d); serve with --slots %d or more", job.id, job.keep, len(self._slots),
+                        job.keep + 2, job.keep + 3)
 
     def _resident_of_current_epoch(self) -> list[_Slot]:
         """Slots still holding batches of an unfinished epoch, oldest first: what a late job may still read."""
@@ -370,25 +390,26 @@ class Producer:
 
         A job stalls when it released nothing for ``stall_timeout`` while holding slots that another
         job waits for: the producer has no free slot (or has served its last epoch) and some other
-        active job holds nothing, having consumed all it was given. A suspended job keeps its two
-        oldest slots (the only ones it can be reading: it consumes in order and looks for a
-        `Suspended` before each new batch); its other slots are freed. See NOTE [ Slot ownership ].
+        active job waits, having begun to read every batch it holds (its heartbeats say how far it
+        got). A suspended job keeps its keep+2 oldest slots (the only ones it can be reading: it
+        consumes in order and looks for a `Suspended` before each new batch); its other slots are
+        freed. See NOTE [ Slot ownership ].
         """
-        if len(self._slots) < 3 or (self._free_slot() is not None and not self._done):
+        if self._free_slot() is not None and not self._done:
             return
         self._handle_messages(timeout_ms=0)  # count releases already sent: they change what a job holds
         held = {job.id: sorted(((s.batch.seq, k) for k, s in enumerate(self._slots) if job.id in s.holders))
                 for job in self._jobs.values()}
         active = [job for job in self._jobs.values() if not job.suspended]
-        if not any(not held[job.id] for job in active):  # nobody is waiting
+        if all(self._unread(job) for job in active):  # nobody waits
             return
         for job in active:
             if not held[job.id] or now - job.last_progress < self.options.stall_timeout:
                 continue
             job.suspended = True
-            for _, k in held[job.id][2:]:
+            for _, k in held[job.id][job.keep + 2:]:
                 self._slots[k].holders.pop(job.id)
-            kept = [seq for seq, _ in held[job.id][:2]]
+            kept = [seq for seq, _ in held[job.id][:job.keep + 2]]
             self._send(job, Suspended(f"held the other jobs back for more than {self.options.stall_timeout:g} s",
                                       kept))
             log.warning("job %d (pid %d) released nothing for %.0f s and held the others back: suspended "

@@ -17,13 +17,14 @@ import msgpack
 
 from .errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Hello.keep, Heartbeat.taken
 MAX_MESSAGE_BYTES = 1 << 20  # a batch announcement of 10,000 samples is ~170 kB
 
 
 @dataclass(frozen=True)
 class Hello:
     pid: int
+    keep: int = 2  # the job's ``keep``: it may be reading its keep+2 oldest held slots (NOTE [ Slot ownership ])
     version: int = PROTOCOL_VERSION
 
 
@@ -69,7 +70,13 @@ class Release:
 
 @dataclass(frozen=True)
 class Heartbeat:
+    """Liveness, from the job's heartbeat thread (and once from a job that starts waiting for a
+    batch); ``taken`` is the seq of the newest batch the job has begun to read (-1: none), so the
+    producer can tell a job that waits from one that still has unread batches. The producer's
+    probes carry -1."""
+
     job_id: int
+    taken: int = -1
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,9 @@ def decode(data: bytes):
     if cls is None:
         raise ProtocolError("message has an unknown or missing type tag")
     fields = _FIELDS[cls]
+    if cls is Hello and body.get("version") != PROTOCOL_VERSION and isinstance(body.get("pid"), int) \
+            and isinstance(body.get("version"), int):
+        return Hello(pid=body["pid"], version=body["version"])  # another version's hello: to be refused by name
     if set(body) != set(fields):
         raise ProtocolError(f"{cls.__name__} has fields {sorted(body)}, expected {sorted(fields)}")
     for key, type_name in fields.items():

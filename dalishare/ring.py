@@ -84,6 +84,9 @@ class RingLayout:
 IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
 HEADER_BYTES = 4096  # one int64 per slot: the seq of the batch a slot holds, -1 while it is written
 MAX_SLOTS = HEADER_BYTES // 8
+# A job may use views of up to keep+1 batches at once (keep=2 by default) while reading the next, and
+# the producer needs free slots to work ahead: 8 measured as fast as 4 did before keep (README).
+DEFAULT_SLOTS = 8
 SLOT_ALIGN = 512  # slot starts stay aligned for any dtype and for fast device copies
 
 
@@ -166,6 +169,14 @@ class HostRingView:
         """A read-only buffer over slot k (zero copy)."""
         start = HEADER_BYTES + k * self.layout.slot_bytes
         return memoryview(self._map)[start : start + self.layout.slot_bytes]
+
+    def lease(self, k: int, offset: int, nbytes: int) -> tuple[np.ndarray, np.ndarray]:
+        """``nbytes`` of slot k from ``offset`` as a new read-only array (zero copy), and its lease:
+        the array itself. A tensor made from it keeps it alive exactly as long as any view of that
+        tensor lives, which tells the job whether a yielded batch is still referenced (keep.py)."""
+        array = np.frombuffer(self._map, dtype=np.uint8, count=nbytes,
+                              offset=HEADER_BYTES + k * self.layout.slot_bytes + offset)
+        return array, array
 
     def holds(self, k: int, seq: int) -> bool:
         """Whether slot k still holds batch ``seq``."""

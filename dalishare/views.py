@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -35,6 +36,21 @@ class SlotReused(Exception):
     def __init__(self, lost: int):
         super().__init__(f"{lost} samples lost")
         self.lost = lost
+
+
+def leased_view(ring, slot: int, offset: int, shape: tuple, dtype: torch.dtype, device: torch.device):
+    """Samples of ``slot`` from byte ``offset`` as a tensor of ``shape`` with storage of its own
+    (zero copy), and the lease that lives as long as anything refers to that tensor (keep.py)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    buffer, lease = ring.lease(slot, offset, nbytes)
+    if device.type == "cpu":
+        with warnings.catch_warnings():  # read-only on purpose: a write faults instead of corrupting
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.from_numpy(buffer)
+    else:
+        with torch.cuda.device(device):
+            flat = torch.from_dlpack(buffer)
+    return flat.view(dtype).view(shape), lease
 
 
 def slot_tensors(ring) -> tuple[list[torch.Tensor], torch.device]:
