@@ -92,11 +92,11 @@ class KeepWindow:
     def _raise_overdue(self, seq: int) -> None:
         step = max(self._reads[seq].live_views())
         raise BatchHeldTooLong(
-            f"the batch yielded at step {step} is still referenced after this job took {self.step - step - 1} "
-            f"further batches, more than keep={self.keep} allows; its slot is not given back, so its pixels "
-            f"are unchanged, but the job cannot go on without it. Hold batches for at most keep further "
-            f"steps, or `.clone()` what you keep, or pass `copy=True`, or a larger `keep=` to "
-            f"DaliShareIterator (the producer may need `--slots` of keep + 2 or more)")
+            f"the batch yielded at step {step} is still referenced while this job takes batch {self.step}: "
+            f"keep={self.keep} lets a batch stay in use across the {self.keep} batches after it, not longer. "
+            f"Its slot is not given back, so its pixels are unchanged, but the job cannot go on without it: "
+            f"`.clone()` what you keep longer, or pass `copy=True`, or a larger `keep=` to DaliShareIterator "
+            f"(the producer then needs `--slots` of at least keep + 2)")
 
     def take_all(self) -> list[int]:
         """Every seq still held, oldest first, checked or not (the job is leaving)."""
