@@ -4,7 +4,8 @@ computed on the device the batch is on, asynchronously, as a training step would
 Spec (JSON in argv[1]): name, out, batch_size, device (None: where the ring is), passes,
 ``slow_ms`` (a GPU kernel that spins this long before the checksum kernels read the batch, queued
 without waiting: the job runs ahead of its GPU), ``die`` = batches after which it SIGKILLs itself,
-``expect_lost`` (the producer will be killed: record the error instead of failing).
+``expect_lost`` (the producer will be killed: record the error instead of failing), ``prefetch``
+(take batch k+1 before queuing the step on batch k, as a one-ahead prefetcher does).
 """
 
 import json
@@ -44,6 +45,15 @@ def spin(ms: float) -> None:
 _CYCLES_PER_MS = None
 
 
+def one_ahead(iterable):
+    """Take batch k+1, then hand out batch k (apex's data_prefetcher, timm's PrefetchLoader)."""
+    it = iter(iterable)
+    upcoming = next(it, None)
+    while upcoming is not None:
+        current, upcoming = upcoming, next(it, None)
+        yield current
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     record = {"passes": [], "lost": None, "in_ring": 0, "copies": 0}
@@ -57,7 +67,7 @@ def main() -> None:
     try:
         for _ in range(spec.get("passes", 1)):
             indices = []
-            for batch in loader:
+            for batch in (one_ahead(loader) if spec.get("prefetch") else loader):
                 if spec.get("die") is not None and done == spec["die"]:
                     os.kill(os.getpid(), signal.SIGKILL)
                 done += 1

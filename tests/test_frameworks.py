@@ -7,12 +7,14 @@ faster than the steps, so a slot given back too early is rewritten during the pa
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from conftest import N_SAMPLES, Server
+from conftest import N_SAMPLES, ROOT, Server
 from dalishare import BatchHeldTooLong, DaliShareIterator
 
 PAUSE_S = 0.05  # inside each step, between the two looks at its pixels
@@ -190,3 +192,14 @@ def test_holding_the_whole_ring_is_an_error_at_once_not_a_hang(dataset):
                     assert in_ring(loader, batch["images"])
                     steps += 1
             assert steps == 1 and time.monotonic() - start < 10  # taking the third batch fails
+
+
+@pytest.mark.parametrize("example", ["lightning_train.py", "accelerate_train.py"])
+def test_the_examples_train_on_a_shared_stage(dataset, example):
+    pytest.importorskip(example.split("_")[0])
+    with Server(dataset, "--batch-size", "8", "--epochs", "2"):
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / example), "--name", "t", "--batch-size", "8",
+                               "--epochs", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for epoch in range(2):
+        assert f"epoch {epoch}: {N_SAMPLES} samples, {N_SAMPLES} distinct" in proc.stdout, proc.stdout + proc.stderr

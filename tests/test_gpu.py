@@ -95,6 +95,21 @@ def test_a_slow_gpu_consumer_never_sees_a_torn_or_overwritten_batch(dataset, tmp
         check_exactly_once_and_pixels(record, expected)
 
 
+@pytest.mark.parametrize("batch_size", [4, 6], ids=["views", "spanning-copies"])
+def test_a_one_ahead_prefetcher_with_slow_kernels_never_sees_a_batch_change(dataset, tmp_path, batch_size):
+    # issue 9: the job takes batch k+1 before it queues the (slow) kernels that read batch k, so
+    # batch k's slot may be given back only once those kernels have finished
+    expected = expected_checksums(dataset, "gpu", epochs=3, batch_size=4)
+    with Server(dataset, "--device", "gpu", "--batch-size", "4", "--slots", "4", "--epochs", "3",
+                "--min-consumers", "2") as server:
+        slow = GpuJob(tmp_path / "slow.json", batch_size=batch_size, passes=3, slow_ms=40, prefetch=True)
+        fast = GpuJob(tmp_path / "fast.json", batch_size=4, passes=3, prefetch=True)
+        records = [slow.result(), fast.result()]
+        assert server.wait() == 0, server.log()
+    for record in records:
+        check_exactly_once_and_pixels(record, expected)
+
+
 def test_killed_gpu_job_is_reclaimed_and_a_killed_gpu_producer_is_producer_lost(dataset, tmp_path):
     with Server(dataset, "--device", "gpu", "--batch-size", "4", "--slots", "3", "--epochs", "2",
                 "--min-consumers", "2") as server:
