@@ -1,6 +1,6 @@
 """Benchmark: hand-off latency, and N jobs sharing one producer vs each running its own DALI.
 
-    python bench/sharing.py [--device cpu|gpu] [--data DIR] [--jobs 4] [--step-ms 40] [--batches 40] [--out FILE]
+    python bench/sharing.py [--device cpu|gpu] [--data DIR] [--jobs 4] [--step-ms 40] [--batches 40] [--slots N] [--out FILE]
 
 Every job takes batches of 64x224x224x3 uint8 (the ResNet stage) and emulates a training step by
 sleeping ``--step-ms`` per batch (no CPU), so the loader is what limits it. With ``--device gpu``
@@ -147,10 +147,14 @@ def run_jobs(target, args: tuple, n: int, timeout: float = 600) -> list[dict]:
         join_or_kill(procs)
 
 
+SERVE_OPTIONS: list[str] = []  # extra `dalishare serve` options from the command line (--slots)
+
+
 def with_producer(data: str, consumers: int, target, args: tuple, device: str = "cpu") -> list[dict]:
     name = f"bench-{os.getpid()}"
     producer = subprocess.Popen([sys.executable, "-m", "dalishare", "serve", str(STAGE), "--data", data, "--name", name,
-                                 "--batch-size", str(BATCH), "--min-consumers", str(consumers), "--device", device],
+                                 "--batch-size", str(BATCH), "--min-consumers", str(consumers), "--device", device,
+                                 *SERVE_OPTIONS],
                                 stderr=subprocess.DEVNULL)
     try:
         return run_jobs(target, (name, *args), consumers)
@@ -167,6 +171,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--step-ms", type=float, default=40.0, help="emulated GPU step per batch")
     parser.add_argument("--batches", type=int, default=40, help="timed batches per job (after 5 warm-up)")
+    parser.add_argument("--slots", type=int, help="the producer's ring size (default: dalishare serve's)")
     parser.add_argument("--out", help="also write the figures to this file")
     args = parser.parse_args()
     tmp = None
@@ -177,6 +182,8 @@ def main() -> None:
         args.data = str(make_image_folder(Path(tmp.name), {p: 128 for p in PATTERNS}))
     warmup, step = 5, args.step_ms / 1000
 
+    if args.slots:
+        SERVE_OPTIONS.extend(["--slots", str(args.slots)])
     floor, dev = zmq_floor(), args.device
     handoff = with_producer(args.data, 1, shared_job, (warmup, args.batches, 0.0), dev)[0]["handoff_ns"]
     slow_job = with_producer(args.data, 1, shared_job, (warmup, 15, 0.25), dev)[0]  # slower than the producer
@@ -186,7 +193,8 @@ def main() -> None:
 
     lines = [
         f"dalishare {dev.upper()} sharing benchmark: {os.cpu_count()} cores, batches of {BATCH}x224x224x3 uint8, "
-        f"data {args.data}, emulated step {args.step_ms:.0f} ms, {args.batches} timed batches per job",
+        f"data {args.data}, emulated step {args.step_ms:.0f} ms, {args.batches} timed batches per job, "
+        f"ring slots: {args.slots or 'serve default'}",
         f"hand-off, job waiting (announcement sent -> tensor in job): median {pct(handoff, 0.5):.1f} us, "
         f"p90 {pct(handoff, 0.9):.1f} us ({len(handoff)} batches)",
         f"hand-off, batch already announced (job with a 250 ms step; next() -> tensor, release included): "

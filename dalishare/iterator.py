@@ -3,7 +3,8 @@
 It attaches to a producer by name, maps the ring read-only, and turns the producer's batch
 announcements into batches of the job's own size: a job batch that lies inside one producer batch
 is a view of the ring (no copy); one that spans producer batches is copied into a tensor the job
-owns. Slots are released by the rules of NOTE [ Slot ownership ] in ring.py.
+owns. Slots are released by the rules of NOTE [ Slot ownership ] in ring.py: a yielded view stays
+valid while it is in use, up to ``keep`` further batches (keep.py).
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ class DaliShareIterator:
         the next batch belongs to another epoch (if the epoch's last samples could not be decoded,
         the batch before them was not marked last)."""
         if self._current is None:
-            self._releases.wait_below(2, self.batch_timeout)  # a job reads only its two oldest slots
+            self._releases.wait_below(2, self.batch_timeout)  # at most one released slot still read by the GPU (NOTE [ Slot ownership ])
             self._receive_all()  # a Suspended message voids queued announcements: see it first
             head = self._peek()
             if head is None or head.epoch != self.epoch:

@@ -1,12 +1,13 @@
 """When a job may give a slot back: at once for host memory, after its GPU work for device memory.
 
 A job's GPU work is asynchronous: when the training loop asks for the next batch, kernels queued in
-the last step may still be reading the previous slot. So for a ring in GPU memory each slot the job
-is done with gets a CUDA event recorded on the job's current stream, and the slot is released only
-once that event has completed. Events are polled (``query``), never waited on, except when the job
-would otherwise read a third slot while two still have GPU reads in flight: the rules of NOTE [ Slot
-ownership ] in ring.py let a job read only its two oldest held slots, so the training thread then
-waits (bounded) until its GPU has caught up. A job thus runs at most one batch ahead of its GPU.
+earlier steps may still be reading a slot. So for a ring in GPU memory each slot the job is done
+with (by the keep rule, keep.py: no view of it in use any more) gets a CUDA event recorded on the
+job's current stream, and the slot is released only once that event has completed. Events are
+polled (``query``), never waited on, except when the job would otherwise read a new slot while two
+released slots still have GPU reads in flight: the rules of NOTE [ Slot ownership ] in ring.py let a
+job read only its keep+2 oldest held slots, so the training thread then waits (bounded) until its
+GPU has caught up.
 """
 
 from __future__ import annotations

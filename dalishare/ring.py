@@ -14,21 +14,30 @@ NOTE [ Slot ownership ]
   ``Release`` for it, says ``Bye``, or is declared dead (its process is gone, or its socket is). The
   producer fills the free slot holding the oldest batch, so the newest stay resident for late jobs.
 - Reading. A job reads a slot between receiving its announcement and sending its release, in
-  announcement order. Views it yields stay valid until its iterator's next step; it releases a slot
-  at that next step, or right after copying out of it when a job batch spans producer batches.
-  So the slots a job may be reading at any moment are its two oldest held ones.
+  announcement order. Each view it yields has a storage of its own, so the job can tell whether
+  anything still refers to it (keep.py). It releases a slot once it has taken all of it and no view
+  of it is referenced any more (checked at each step and before waiting), at the latest when the
+  job has taken ``keep`` further batches (its ``Hello`` says keep; default 2); a view still
+  referenced then raises `BatchHeldTooLong` in the job instead of being released. ``keep=0``
+  releases at the next step, unchecked. So the slots a job may be reading are its keep+2 oldest held
+  ones: views of up to keep+1 batches and the slot it reads next.
 - GPU ordering. On a device ring "writing" and "reading" mean GPU work, which is asynchronous. The
   producer's copy into a slot has finished before it marks the header and announces the slot. A job
   releases a slot only after the GPU work it queued to read it has finished (a CUDA event, polled;
-  releases.py), and before reading a third slot it waits until at most one slot still has reads in
-  flight, so the two-oldest rule above holds for its GPU as well as for its Python code.
-- Stalls. A live job that released nothing for ``--stall-timeout`` while another waits is suspended:
-  it keeps its two oldest slots (the only ones it may be reading), loses its hold on the others,
-  and gets no announcements until it resumes. Before taking each new batch from its queue a job
+  releases.py), recorded on its current stream when the keep rule above lets the slot go (so after
+  the steps that used its views queued their work), and before reading a new slot it waits until at
+  most one released slot still has reads in flight, so the keep+2-oldest rule above holds for its
+  GPU as well as for its Python code.
+- Stalls. A live job that released nothing for ``--stall-timeout`` while another waits (has begun
+  to read every batch it holds: ``Heartbeat.taken``) is suspended: it keeps its keep+2 oldest slots
+  (the only ones it may be reading), loses its hold on the others, and gets no announcements until
+  it resumes. That frees something only if the ring has more than keep+2 slots. Before taking each new batch from its queue a job
   reads its socket, so it sees ``Suspended`` (which voids its other announcements) before it could
   read a slot that was freed under it.
 - Unlinking. The producer unlinks the segment when it stops (also on SIGINT/SIGTERM). A job's
-  mapping stays valid after the unlink and is unmapped when the job closes.
+  mapping stays valid after the unlink and is unmapped when the job closes. After its last epoch a
+  producer stops once each job has begun to read all it holds (host ring: the views a job keeps stay
+  valid in its mapping) or, for a device ring, once each job has released every slot.
 - Death. The kernel keeps no link from a dead producer to its segment: a producer that was killed
   leaves ``/dev/shm/dalishare.NAME.PID`` behind, and `runtime.clean_stale` removes it (at the next
   ``dalishare serve`` or ``dalishare cleanup``). The CUDA driver reclaims a dead producer's device
@@ -84,8 +93,8 @@ class RingLayout:
 IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
 HEADER_BYTES = 4096  # one int64 per slot: the seq of the batch a slot holds, -1 while it is written
 MAX_SLOTS = HEADER_BYTES // 8
-# A job may use views of up to keep+1 batches at once (keep=2 by default) while reading the next, and
-# the producer needs free slots to work ahead: 8 measured as fast as 4 did before keep (README).
+# A job may use views of up to keep+1 batches at once (keep=2 by default) while it reads the next,
+# and a suspended job keeps keep+2: 8 leaves the others 4. No slower than 4 (bench/results).
 DEFAULT_SLOTS = 8
 SLOT_ALIGN = 512  # slot starts stay aligned for any dtype and for fast device copies
 
