@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
 
 from .errors import DalishareError
 from .ring import DEFAULT_SLOTS
+
+SHUTDOWN_LIMIT_S = 20  # after SIGINT/SIGTERM, the most a producer's teardown may take
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -21,6 +24,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     def on_signal(signum, _frame):
         producer.stop(f"stopped by {signal.Signals(signum).name}")
+        # a teardown that hangs (a native library's threads, say) prints where it hangs and ends
+        faulthandler.dump_traceback_later(SHUTDOWN_LIMIT_S, exit=True)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
