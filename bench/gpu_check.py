@@ -111,7 +111,7 @@ def main() -> int:
         return 2
     tmp = None
     if args.data is None:
-        from dalishare.demo import PATTERNS, make_image_folder
+        from dalishare.testing import PATTERNS, make_image_folder
 
         tmp = tempfile.TemporaryDirectory(prefix="dalishare-gpu-check-")
         args.data = str(make_image_folder(Path(tmp.name), {p: 128 for p in PATTERNS}))

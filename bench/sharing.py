@@ -19,15 +19,13 @@ import argparse
 import multiprocessing as mp
 import os
 import queue
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from dalishare.demo import join_or_kill
+from dalishare.testing import ProducerProcess, join_or_kill
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "pipelines" / "resnet.py"
@@ -108,8 +106,8 @@ def as_torch(batch) -> torch.Tensor:
 
 
 def own_pipeline_job(data: str, device: str, warmup: int, batches: int, step_s: float, q) -> None:
-    from dalishare.dataset import scan
-    from dalishare.stage import load_stage, standalone_batches
+    from dalishare.producer.dataset import scan
+    from dalishare.producer.stage import load_stage, standalone_batches
 
     ds, stage = scan(data), load_stage(STAGE)
     done, images, t0 = 0, 0, None
@@ -152,15 +150,9 @@ SERVE_OPTIONS: list[str] = []  # extra `dalishare serve` options from the comman
 
 def with_producer(data: str, consumers: int, target, args: tuple, device: str = "cpu") -> list[dict]:
     name = f"bench-{os.getpid()}"
-    producer = subprocess.Popen([sys.executable, "-m", "dalishare", "serve", str(STAGE), "--data", data, "--name", name,
-                                 "--batch-size", str(BATCH), "--min-consumers", str(consumers), "--device", device,
-                                 *SERVE_OPTIONS],
-                                stderr=subprocess.DEVNULL)
-    try:
+    with ProducerProcess(data, "--batch-size", str(BATCH), "--min-consumers", str(consumers), "--device", device,
+                         *SERVE_OPTIONS, name=name, pipeline=STAGE):
         return run_jobs(target, (name, *args), consumers)
-    finally:
-        producer.terminate()
-        producer.wait(timeout=60)
 
 
 def main() -> None:
@@ -176,7 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = None
     if args.data is None:
-        from dalishare.demo import PATTERNS, make_image_folder
+        from dalishare.testing import PATTERNS, make_image_folder
 
         tmp = tempfile.TemporaryDirectory(prefix="dalishare-bench-")
         args.data = str(make_image_folder(Path(tmp.name), {p: 128 for p in PATTERNS}))

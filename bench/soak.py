@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dalishare.testing import ProducerProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "pipelines" / "resnet.py"
 BEHAVIOURS = ("normal", "leave", "stall", "killed")
@@ -52,7 +54,7 @@ def job_main(spec: dict) -> None:
 
 
 def make_data(root: Path) -> tuple[Path, int]:
-    from dalishare.demo import PATTERNS, make_image_folder
+    from dalishare.testing import PATTERNS, make_image_folder
 
     make_image_folder(root, {p: 100 for p in PATTERNS})
     (root / PATTERNS[0] / "zz_empty.jpg").write_bytes(b"")
@@ -83,10 +85,8 @@ def main() -> None:
     os.environ["DALISHARE_RUNTIME_DIR"] = str(tmp / "run")
     data, _ = make_data(tmp / "data")
     name = "soak"
-    log = open(tmp / "producer.log", "w")
-    producer = subprocess.Popen([sys.executable, "-m", "dalishare", "serve", str(STAGE), "--data", str(data),
-                                 "--name", name, "--batch-size", "32", "--slots", "4", "--stall-timeout", "5"],
-                                stdout=log, stderr=subprocess.STDOUT)
+    server = ProducerProcess(data, "--batch-size", "32", "--slots", "8", "--stall-timeout", "5", name=name, pipeline=STAGE)
+    producer = server.proc
     start = time.monotonic()
     deadline, warmup_end = start + args.minutes * 60, start + max(60.0, args.minutes * 12)
     jobs: list[dict] = []
@@ -113,16 +113,14 @@ def main() -> None:
         if j["proc"].poll() is None:
             j["proc"].kill()
         j["proc"].wait(timeout=30)
-    producer.send_signal(signal.SIGTERM)
-    code = producer.wait(timeout=60)
-    log.close()
-    print_report(args, tmp, jobs, code, rss_warm, rss_end, name)
+    code = server.stop(timeout=60)
+    print_report(args, tmp, jobs, code, rss_warm, rss_end, name, server.log())
 
 
-def print_report(args, tmp: Path, jobs: list[dict], code: int, rss_warm, rss_end, name: str) -> None:
-    from dalishare.dataset import scan
+def print_report(args, tmp: Path, jobs: list[dict], code: int, rss_warm, rss_end, name: str, text: str) -> None:
+    """``text``: the producer's log."""
+    from dalishare.producer.dataset import scan
 
-    text = (tmp / "producer.log").read_text()
     served = re.search(r"(\d+) batches served, (\d+) control messages dropped", text)
     excluded = set(re.findall(r"excluded (\S+) \(sample (\d+)\)", text))
     decodable = set(range(len(scan(tmp / "data")))) - {int(i) for _, i in excluded}

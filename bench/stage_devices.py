@@ -62,8 +62,8 @@ def main() -> None:
 
     from nvidia.dali.backend import GetCUDADeviceCount
 
-    from dalishare.dataset import scan
-    from dalishare.stage import load_stage
+    from dalishare.producer.dataset import scan
+    from dalishare.producer.stage import load_stage
 
     if GetCUDADeviceCount() == 0:
         sys.exit("stage_devices: no CUDA GPU here; run it on a GPU machine")

@@ -9,13 +9,14 @@ import signal
 import sys
 
 from .errors import DalishareError
-from .ring import DEFAULT_SLOTS
+from .producer import ServeOptions
 
+DEFAULTS = ServeOptions()
 SHUTDOWN_LIMIT_S = 20  # after SIGINT/SIGTERM, the most a producer's teardown may take
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from .producer import Producer, ServeOptions
+    from .producer import Producer
 
     producer = Producer(args.pipeline, args.data, ServeOptions(
         name=args.name, batch_size=args.batch_size, device=args.device, slots=args.slots, seed=args.seed,
@@ -33,7 +34,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _cleanup(args: argparse.Namespace) -> None:
-    from .runtime import clean_stale
+    from .shm.names import clean_stale
 
     removed = clean_stale(args.name)
     print(f"removed {len(removed)} stale files" + "".join(f"\n  {p}" for p in removed))
@@ -53,18 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run a shared stage and serve its batches")
     serve.add_argument("pipeline", help="stage file, e.g. pipelines/resnet.py")
     serve.add_argument("--data", required=True, help="folder of class sub-folders holding images")
-    serve.add_argument("--name", default="default", help="name jobs attach to (default: %(default)s)")
-    serve.add_argument("--batch-size", type=int, default=64, help="producer batch (default: %(default)s)")
-    serve.add_argument("--device", default="cpu", help="where the stage runs: cpu, gpu or gpu:K, the K-th visible GPU (default: %(default)s)")
-    serve.add_argument("--slots", type=int, default=DEFAULT_SLOTS, help="ring size in batches (default: %(default)s)")
-    serve.add_argument("--seed", type=int, default=0, help="seed of the epoch orders (default: %(default)s)")
-    serve.add_argument("--epochs", type=int, default=None, help="stop after N epochs (default: run until stopped)")
-    serve.add_argument("--min-consumers", type=int, default=1,
+    serve.add_argument("--name", default=DEFAULTS.name, help="name jobs attach to (default: %(default)s)")
+    serve.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="producer batch (default: %(default)s)")
+    serve.add_argument("--device", default=DEFAULTS.device, help="where the stage runs: cpu, gpu or gpu:K, the K-th visible GPU (default: %(default)s)")
+    serve.add_argument("--slots", type=int, default=DEFAULTS.slots, help="ring size in batches (default: %(default)s)")
+    serve.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the epoch orders (default: %(default)s)")
+    serve.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="stop after N epochs (default: run until stopped)")
+    serve.add_argument("--min-consumers", type=int, default=DEFAULTS.min_consumers,
                        help="jobs to wait for before the first batch (default: %(default)s)")
-    serve.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: all cores)")
-    serve.add_argument("--heartbeat-timeout", type=float, default=10.0,
+    serve.add_argument("--threads", type=int, default=DEFAULTS.num_threads, help="DALI CPU threads (default: all cores)")
+    serve.add_argument("--heartbeat-timeout", type=float, default=DEFAULTS.heartbeat_timeout,
                        help="seconds of silence before a job's socket is checked (default: %(default)s)")
-    serve.add_argument("--stall-timeout", type=float, default=30.0,
+    serve.add_argument("--stall-timeout", type=float, default=DEFAULTS.stall_timeout,
                        help="seconds a job may hold the others back before it is suspended (default: %(default)s)")
     serve.set_defaults(func=_serve)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,26 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-STAGE = Path(__file__).resolve().parents[1] / "pipelines" / "resnet.py"
-PATTERNS = ("stripes", "bars", "checks")
-
-
-def make_image_folder(root: Path, class_sizes: dict[str, int], seed: int = 0) -> Path:
-    """Write JPEGs of varying sizes into class folders; each class has its own visual pattern."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for label, (cls, n) in enumerate(class_sizes.items()):
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            h, w = int(rng.integers(200, 400)), int(rng.integers(200, 400))
-            y, x = np.mgrid[0:h, 0:w]
-            period = int(rng.integers(12, 40))
-            pattern = [(y // period) % 2, (x // period) % 2, ((x // period) + (y // period)) % 2][label % 3]
-            colour = rng.integers(60, 256, 3)
-            img = pattern[..., None] * colour + rng.integers(0, 50, (h, w, 3))
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / cls / f"{cls}_{i:04d}.jpg", quality=90)
-    return root
+from .testing import PATTERNS, RESNET_STAGE as STAGE, ProducerProcess, join_or_kill, make_image_folder
 
 
 # -- the jobs' side: augmentations and training ----------------------------------------------------
@@ -107,8 +86,8 @@ def alone_job(spec: JobSpec, data: str, epochs: int, num_classes: int, q) -> Non
     """The same job with its own DALI pipeline: what each job does without dalishare."""
     import torch
 
-    from dalishare.dataset import epoch_order, scan
-    from dalishare.stage import load_stage, standalone_batches
+    from dalishare.producer.dataset import epoch_order, scan
+    from dalishare.producer.stage import load_stage, standalone_batches
 
     torch.set_num_threads(1)
     ds, stage = scan(data), load_stage(STAGE)
@@ -165,15 +144,6 @@ def _run_jobs(title: str, targets: list[tuple], total: int, timeout: float = 600
     return stats
 
 
-def join_or_kill(procs, timeout: float = 30.0) -> None:
-    """Join child processes, killing any that outlive ``timeout`` seconds."""
-    for p in procs:
-        p.join(timeout=timeout)
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=5)
-
-
 def _rate(s: dict) -> float:
     return s["samples"] / max(1e-9, (s["end"] or time.monotonic()) - s["start"]) if s["start"] else 0.0
 
@@ -190,15 +160,9 @@ def run_demo(images_per_class: int = 96, epochs: int = 3) -> None:
         n = images_per_class * len(PATTERNS)
         console.print(f"made {n} images in {len(PATTERNS)} classes under {data}")
         name = f"demo-{os.getpid()}"
-        producer = subprocess.Popen([sys.executable, "-m", "dalishare", "serve", str(STAGE), "--data", str(data),
-                                     "--name", name, "--batch-size", "64", "--epochs", str(epochs),
-                                     "--min-consumers", str(len(JOBS))], stderr=subprocess.DEVNULL)
-        try:
+        with ProducerProcess(data, "--batch-size", "64", "--epochs", str(epochs), "--min-consumers", str(len(JOBS)),
+                             name=name, pipeline=STAGE):
             shared = _run_jobs("shared", [(shared_job, (s, name, epochs, len(PATTERNS))) for s in JOBS], n * epochs)
-        finally:
-            if producer.poll() is None:
-                producer.terminate()
-            producer.wait(timeout=30)
         alone = _run_jobs("alone ", [(alone_job, (s, str(data), epochs, len(PATTERNS))) for s in JOBS], n * epochs)
 
     table = Table(title=f"dalishare demo: {n} images x {epochs} epochs, tiny CNN on the CPU")

@@ -36,3 +36,16 @@ class AlreadyServing(DalishareError):
 class BatchHeldTooLong(DalishareError):
     """A job still holds a view of a batch after taking more further batches than its ``keep``
     allows: releasing the slot would let the producer overwrite pixels the job may still read."""
+
+
+class GpuWorkTimeout(DalishareError):
+    """A job's own GPU work that reads a slot did not finish in time."""
+
+
+class SlotReused(DalishareError):
+    """A slot no longer holds the batch the job was reading: the producer suspended the job.
+    Internal to the iterator: it catches it, counts ``lost`` samples as missed and goes on."""
+
+    def __init__(self, lost: int):
+        super().__init__(f"{lost} samples lost")
+        self.lost = lost

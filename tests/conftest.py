@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dalishare.demo import make_image_folder as make_dataset
+from dalishare.testing import ProducerProcess, make_image_folder as make_dataset
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -66,30 +66,18 @@ def no_leaks(monkeypatch):
     assert not any(left.values()), f"test left resources behind: {left}"
 
 
-class Server:
-    """``dalishare serve`` in a child process; stopped with SIGTERM (and checked) at exit."""
+class Server(ProducerProcess):
+    """``dalishare serve`` in a child process (named ``t`` unless told); stopped with SIGTERM at exit,
+    and a producer that does not exit in time fails the test with its log."""
 
     def __init__(self, data: Path, *args: str, name: str = "t", pipeline: Path = RESNET):
-        self.name = name
-        self._log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the producer
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dalishare", "serve", str(pipeline), "--data", str(data), "--name", name, *args],
-            stdout=self._log, stderr=subprocess.STDOUT, text=True)
+        super().__init__(data, *args, name=name, pipeline=pipeline)
 
     def wait(self, timeout: float = 60) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        code = super().wait(timeout)
+        if code is None:
             pytest.fail(f"producer did not exit within {timeout} s; log:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.seek(0)
-        return self._log.read()
-
-    def __enter__(self) -> "Server":
-        return self
+        return code
 
     def __exit__(self, *exc) -> None:
         if self.proc.poll() is None:

@@ -41,8 +41,8 @@ def expected_checksums(data, device: str, epochs: int, batch_size: int = PRODUCE
     import torch
     from gpu_job import checksum
 
-    from dalishare.dataset import epoch_order, scan
-    from dalishare.stage import load_stage, standalone_batches
+    from dalishare.producer.dataset import epoch_order, scan
+    from dalishare.producer.stage import load_stage, standalone_batches
 
     ds, stage, expected = scan(data), load_stage(RESNET), {}
     for epoch in range(epochs):
@@ -129,7 +129,7 @@ def test_killed_gpu_job_is_reclaimed_and_a_killed_gpu_producer_is_producer_lost(
         server.wait()
         record = job.result(timeout=60)
     assert "died" in record["lost"] and not record["mapped_after_close"]
-    from dalishare.runtime import clean_stale
+    from dalishare.shm.names import clean_stale
 
     clean_stale("t")
 

@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from dalishare import protocol
+from dalishare.wire import messages as protocol
 from dalishare.errors import ConfigError, ProtocolError
-from dalishare.releases import GpuWorkTimeout, SlotReleases
-from dalishare.ring import RingLayout, attach_ring
-from dalishare.stage import parse_device
+from dalishare.errors import GpuWorkTimeout
+from dalishare.job.releases import SlotReleases
+from dalishare.shm import RingLayout, attach_ring
+from dalishare.producer.stage import parse_device
 
 
 class FakeEvent:

@@ -13,7 +13,9 @@ import pytest
 import zmq
 
 from conftest import RESNET, Server
-from dalishare import DaliShareIterator, protocol, runtime
+from dalishare import DaliShareIterator
+from dalishare.shm import names as runtime
+from dalishare.wire import messages as protocol
 
 NOBODY = 65534
 

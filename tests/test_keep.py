@@ -8,10 +8,12 @@ import weakref
 import pytest
 import torch
 
-from dalishare import BatchHeldTooLong, protocol
-from dalishare.keep import KeepWindow
-from dalishare.ring import HostRing, RingLayout, attach_ring
-from dalishare.views import leased_view
+from dalishare import BatchHeldTooLong
+from dalishare.wire import messages as protocol
+from dalishare.job.keep import KeepWindow
+from dalishare.shm import RingLayout, attach_ring
+from dalishare.shm.host import HostRing
+from dalishare.job.views import leased_view
 
 
 class Lease:

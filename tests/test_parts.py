@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import RESNET, make_dataset
-from dalishare import protocol, runtime
-from dalishare.dataset import epoch_order, scan
+from dalishare.shm import names as runtime
+from dalishare.wire import messages as protocol
+from dalishare.producer.dataset import epoch_order, scan
 from dalishare.errors import AlreadyServing, DatasetError, ProtocolError, StageError
-from dalishare.stage import load_stage
+from dalishare.producer.stage import load_stage
 
 
 def test_scan_gives_sorted_classes_stable_indices_and_warns_once_about_non_images(tmp_path, caplog):
@@ -135,7 +136,7 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_find_undecodable_names_missing_empty_and_garbage_files_with_a_reason(tmp_path):
-    from dalishare.stage import find_undecodable
+    from dalishare.producer.stage import find_undecodable
 
     make_dataset(tmp_path / "d", {"a": 2})
     good = sorted((tmp_path / "d" / "a").iterdir())
@@ -159,7 +160,7 @@ class _ArrayBatch:
 
 
 def test_a_slot_header_tells_a_reader_which_batch_the_slot_holds():
-    from dalishare.ring import HostRing, HostRingView
+    from dalishare.shm.host import HostRing, HostRingView
 
     ring = HostRing("hdr", slots=3, slot_bytes=16)
     view = HostRingView(ring.layout)

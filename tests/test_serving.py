@@ -14,7 +14,9 @@ import torch
 import zmq
 
 from conftest import CLASS_SIZES, RESNET, Job, Server, expected_labels
-from dalishare import DaliShareIterator, ProducerNotFound, protocol, runtime
+from dalishare import DaliShareIterator, ProducerNotFound
+from dalishare.shm import names as runtime
+from dalishare.wire import messages as protocol
 
 N = sum(CLASS_SIZES.values())  # 30 samples; producer batches of 8: 8, 8, 8, 6
 
@@ -70,7 +72,7 @@ def reference_images(dataset) -> dict[int, np.ndarray]:
     """The resnet stage run directly in DALI over the files in index order, without dalishare."""
     from nvidia.dali import fn, pipeline_def
 
-    from dalishare.stage import load_stage
+    from dalishare.producer.stage import load_stage
 
     stage = load_stage(RESNET)
     files = [str(p) for cls in sorted(CLASS_SIZES) for p in sorted((dataset / cls).glob("*.jpg"))]
@@ -270,10 +272,10 @@ def test_peers_gone_before_their_welcome_hold_no_slots_and_wrong_versions_are_re
 def test_a_job_of_another_protocol_version_gets_one_clear_error(dataset, monkeypatch):
     import functools
 
-    import dalishare.iterator
+    import dalishare.job.iterator
     from dalishare import ProtocolError
 
-    monkeypatch.setattr(dalishare.iterator, "Hello", functools.partial(protocol.Hello, version=99))
+    monkeypatch.setattr(dalishare.job.iterator, "Hello", functools.partial(protocol.Hello, version=99))
     with Server(dataset, "--batch-size", "8"):
         with pytest.raises(ProtocolError, match=f"refused this job: protocol version 99 is not the producer's {protocol.PROTOCOL_VERSION}"):
             DaliShareIterator("t", attach_timeout=30)

@@ -20,7 +20,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import AlreadyServing, ConfigError
+from ..errors import AlreadyServing, ConfigError
 
 log = logging.getLogger(__name__)
 

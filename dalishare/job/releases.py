@@ -18,13 +18,9 @@ from typing import Callable
 
 import torch
 
-from .errors import DalishareError
+from ..errors import GpuWorkTimeout
 
 POLL_S = 50e-6  # between event queries while the job must wait for its GPU
-
-
-class GpuWorkTimeout(DalishareError):
-    """The job's own GPU work that reads a slot did not finish in time."""
 
 
 class SlotReleases:

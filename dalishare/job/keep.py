@@ -22,7 +22,7 @@ import gc
 import weakref
 from dataclasses import dataclass, field
 
-from .errors import BatchHeldTooLong
+from ..errors import BatchHeldTooLong
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 PROTOCOL_VERSION = 2  # 2: Hello.keep, Heartbeat.taken
 MAX_MESSAGE_BYTES = 1 << 20  # a batch announcement of 10,000 samples is ~170 kB

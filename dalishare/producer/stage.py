@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import ConfigError, StageError
+from ..errors import ConfigError, StageError
 
 
 def load_stage(path: str | Path) -> Callable:
@@ -49,7 +49,7 @@ def parse_device(device: str) -> int | None:
     match = re.fullmatch(r"gpu(?::(\d+))?", device)
     if match is None:
         raise ConfigError(f"unknown device {device!r}: use 'cpu', 'gpu' or 'gpu:K'")
-    from .device_ring import check_gpu
+    from ..shm.device import check_gpu
 
     index = int(match.group(1) or 0)
     check_gpu(index)

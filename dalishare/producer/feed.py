@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dataset import Dataset, epoch_order
-from .errors import DatasetError
+from ..errors import DatasetError
 from .stage import read_encoded
 
 

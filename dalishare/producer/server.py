@@ -17,12 +17,14 @@ from pathlib import Path
 
 import zmq
 
-from . import protocol, runtime
+from ..errors import ConfigError, ProtocolError
+from ..shm import create_ring
+from ..shm import names as runtime
+from ..wire import messages as protocol
+from ..wire.messages import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
 from .dataset import scan
 from .feed import EpochFeed, Plan
-from .errors import ConfigError, ProtocolError
-from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
-from .ring import DEFAULT_SLOTS, MAX_SLOTS, create_ring
+from .options import ServeOptions
 from .stage import StageBatch, build_pipeline, find_undecodable, load_stage, parse_device
 
 log = logging.getLogger(__name__)
@@ -50,31 +52,6 @@ class _Job:
 class _Slot:
     batch: Batch | None = None  # what the slot holds now
     holders: dict[int, float] = field(default_factory=dict)  # job id -> when sent; not yet released
-
-
-@dataclass
-class ServeOptions:
-    name: str = "default"
-    batch_size: int = 64
-    device: str = "cpu"
-    slots: int = DEFAULT_SLOTS
-    seed: int = 0
-    epochs: int | None = None          # None: serve until stopped
-    min_consumers: int = 1
-    num_threads: int | None = None
-    heartbeat_timeout: float = 10.0
-    stall_timeout: float = 30.0
-
-    def check(self) -> None:
-        runtime.check_name(self.name)
-        for key in ("batch_size", "slots", "min_consumers"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
-        if self.slots > MAX_SLOTS:
-            raise ConfigError(f"--slots must be at most {MAX_SLOTS}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError("--epochs must be at least 1")
-        parse_device(self.device)  # a GPU that is not there fails here, in one line
 
 
 class Producer:

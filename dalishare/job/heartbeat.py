@@ -7,8 +7,8 @@ from typing import Callable
 
 import zmq
 
-from . import protocol
-from .protocol import Heartbeat
+from ..wire import messages as protocol
+from ..wire.messages import Heartbeat
 
 
 class HeartbeatThread(threading.Thread):

@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .protocol import Batch
+from ..errors import ConfigError
+from ..wire.messages import Batch
 
 
 class ProducerBatch:
@@ -28,14 +28,6 @@ class ProducerBatch:
         s = slice(self.offset, self.offset + n)
         self.offset += n
         return self.images[s], self.labels[s], self.indices[s]
-
-
-class SlotReused(Exception):
-    """A slot no longer holds the batch this job was reading: the producer suspended the job."""
-
-    def __init__(self, lost: int):
-        super().__init__(f"{lost} samples lost")
-        self.lost = lost
 
 
 def leased_view(ring, slot: int, offset: int, shape: tuple, dtype: torch.dtype, device: torch.device):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import weakref
 
-from .errors import ConfigError
-from .ring import HostRing, HostRingView, RingLayout, check_fits
+from ..errors import ConfigError
+from .host import HostRing, HostRingView
+from .layout import RingLayout, check_fits
 
 
 def cupy():

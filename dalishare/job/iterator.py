@@ -19,14 +19,15 @@ from typing import Callable
 import torch
 import zmq
 
-from . import protocol, runtime
-from .errors import BatchHeldTooLong, ProducerLost, ProducerNotFound, ProtocolError
-from .protocol import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
+from ..errors import BatchHeldTooLong, ProducerLost, ProducerNotFound, ProtocolError, SlotReused
+from ..shm import RingLayout, attach_ring
+from ..shm import names as runtime
+from ..wire import messages as protocol
+from ..wire.messages import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
 from .heartbeat import HeartbeatThread
 from .keep import KeepWindow
 from .releases import SlotReleases
-from .ring import RingLayout, attach_ring
-from .views import ProducerBatch, SlotReused, leased_view, slot_tensors
+from .views import ProducerBatch, leased_view, slot_tensors
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,38 @@
+"""The options of ``dalishare serve``: one source of truth for the producer and the CLI's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..shm import DEFAULT_SLOTS, MAX_SLOTS
+from ..shm import names
+from .stage import parse_device
+
+
+@dataclass
+class ServeOptions:
+    """What a producer serves and how; each field is a ``dalishare serve`` option of the same name
+    (``num_threads`` is ``--threads``)."""
+
+    name: str = "default"
+    batch_size: int = 64
+    device: str = "cpu"
+    slots: int = DEFAULT_SLOTS
+    seed: int = 0
+    epochs: int | None = None          # None: serve until stopped
+    min_consumers: int = 1
+    num_threads: int | None = None
+    heartbeat_timeout: float = 10.0
+    stall_timeout: float = 30.0
+
+    def check(self) -> None:
+        names.check_name(self.name)
+        for key in ("batch_size", "slots", "min_consumers"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
+        if self.slots > MAX_SLOTS:
+            raise ConfigError(f"--slots must be at most {MAX_SLOTS}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError("--epochs must be at least 1")
+        parse_device(self.device)  # a GPU that is not there fails here, in one line

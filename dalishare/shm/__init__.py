@@ -1,0 +1,83 @@
+"""Slot memory: the ring of slots the producer fills and its jobs read, and the names of everything
+a producer leaves in the file system. Imports no zmq, torch or DALI.
+
+NOTE [ Slot ownership ]
+=======================
+- Creation. The producer creates the ring's memory once, before it accepts jobs, and is its only
+  writer: a host ring is one ``/dev/shm`` segment; a device ring is one plain ``cudaMalloc``
+  allocation on the producer's GPU plus a header-only segment (device_ring.py). A job maps the ring
+  at attach (the layout arrives in the ``Welcome`` message): host memory read-only, so a job that
+  wrote would fault instead of corrupting its neighbours' batches; device memory through its CUDA
+  IPC handle, opened once (CUDA has no read-only IPC mapping: a job must not write to it).
+- Writing. The producer writes slot k only while no job holds it. A slot becomes held by every job
+  that is sent its ``Batch`` announcement (at production, at attach for the resident batches of the
+  current epoch, at resume after a suspension) and stops being held by a job when that job sends
+  ``Release`` for it, says ``Bye``, or is declared dead (its process is gone, or its socket is). The
+  producer fills the free slot holding the oldest batch, so the newest stay resident for late jobs.
+- Reading. A job reads a slot between receiving its announcement and sending its release, in
+  announcement order. Each view it yields has a storage of its own, so the job can tell whether
+  anything still refers to it (keep.py). It releases a slot once it has taken all of it and no view
+  of it is referenced any more (checked at each step and before waiting), at the latest when the
+  job has taken ``keep`` further batches (its ``Hello`` says keep; default 2); a view still
+  referenced then raises `BatchHeldTooLong` in the job instead of being released. ``keep=0``
+  releases at the next step, unchecked. So the slots a job may be reading are its keep+2 oldest held
+  ones: views of up to keep+1 batches and the slot it reads next.
+- GPU ordering. On a device ring "writing" and "reading" mean GPU work, which is asynchronous. The
+  producer's copy into a slot has finished before it marks the header and announces the slot. A job
+  releases a slot only after the GPU work it queued to read it has finished (a CUDA event, polled;
+  releases.py), recorded on its current stream when the keep rule above lets the slot go (so after
+  the steps that used its views queued their work), and before reading a new slot it waits until at
+  most one released slot still has reads in flight, so the keep+2-oldest rule above holds for its
+  GPU as well as for its Python code.
+- Stalls. A live job that released nothing for ``--stall-timeout`` while another waits (has begun
+  to read every batch it holds: ``Heartbeat.taken``) is suspended: it keeps its keep+2 oldest slots
+  (the only ones it may be reading), loses its hold on the others, and gets no announcements until
+  it resumes. That frees something only if the ring has more than keep+2 slots. Before taking each new batch from its queue a job
+  reads its socket, so it sees ``Suspended`` (which voids its other announcements) before it could
+  read a slot that was freed under it.
+- Unlinking. The producer unlinks the segment when it stops (also on SIGINT/SIGTERM). A job's
+  mapping stays valid after the unlink and is unmapped when the job closes. After its last epoch a
+  producer stops once each job has begun to read all it holds (host ring: the views a job keeps stay
+  valid in its mapping) or, for a device ring, once each job has released every slot.
+- Death. The kernel keeps no link from a dead producer to its segment: a producer that was killed
+  leaves ``/dev/shm/dalishare.NAME.PID`` behind, and `runtime.clean_stale` removes it (at the next
+  ``dalishare serve`` or ``dalishare cleanup``). The CUDA driver reclaims a dead producer's device
+  memory with its context; its jobs get `ProducerLost` and read the ring no more. A dead job's mappings go with its
+  process; the producer frees the job's slots when it notices the death (see ``producer.Producer._reap``).
+- Closing. A job closes its IPC mapping when the last view of it goes: at ``close()`` unless the
+  user still holds a yielded tensor (then with that tensor), never under a live view.
+
+The producer side is `create_ring(...)`, the job side `attach_ring(layout)`. Neither imports DALI
+or torch: the producer hands over batches with ``nbytes`` and ``copy_to(address)``, and a job gets
+NumPy buffers (host) or CuPy arrays (device) to wrap as tensors. layout.py: what a job needs to map
+the ring; host.py: slots in one /dev/shm segment; device.py: slots in GPU memory (the only CuPy
+importer); names.py: names and places, the name lock, stale cleanup.
+"""
+
+from __future__ import annotations
+
+from .host import HostRing, HostRingView
+from ..errors import ProtocolError
+from .layout import DEFAULT_SLOTS, MAX_SLOTS, RingLayout, slot_size
+
+__all__ = ["DEFAULT_SLOTS", "MAX_SLOTS", "RingLayout", "attach_ring", "create_ring"]
+
+
+def create_ring(name: str, slots: int, batch_bytes: int, gpu: int | None = None):
+    """The producer's ring: host shared memory, or device memory on GPU ``gpu``."""
+    if gpu is None:
+        return HostRing(name, slots, slot_size(batch_bytes))
+    from .device import DeviceRing  # CuPy is only needed on the GPU path
+
+    return DeviceRing(name, slots, slot_size(batch_bytes), gpu)
+
+
+def attach_ring(layout: RingLayout):
+    if layout.kind == "host":
+        return HostRingView(layout)
+    if layout.kind == "device":
+        from .device import DeviceRingView
+
+        return DeviceRingView(layout)
+    raise ProtocolError(f"the producer serves a ring of kind {layout.kind!r}, which this dalishare cannot map; upgrade it")
+

@@ -1,0 +1,79 @@
+"""Support for the tests, the benchmarks and the demo: synthetic labelled JPEG folders, and
+``dalishare serve`` in a child process. Imports neither torch nor DALI."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+RESNET_STAGE = Path(__file__).resolve().parents[1] / "pipelines" / "resnet.py"  # in a checkout
+PATTERNS = ("stripes", "bars", "checks")  # one visual pattern per class of a synthetic folder
+
+
+def make_image_folder(root: Path, class_sizes: dict[str, int], seed: int = 0) -> Path:
+    """Write JPEGs of varying sizes into class folders; each class has its own visual pattern."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label, (cls, n) in enumerate(class_sizes.items()):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = int(rng.integers(200, 400)), int(rng.integers(200, 400))
+            y, x = np.mgrid[0:h, 0:w]
+            period = int(rng.integers(12, 40))
+            pattern = [(y // period) % 2, (x // period) % 2, ((x // period) + (y // period)) % 2][label % 3]
+            colour = rng.integers(60, 256, 3)
+            img = pattern[..., None] * colour + rng.integers(0, 50, (h, w, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / cls / f"{cls}_{i:04d}.jpg", quality=90)
+    return root
+
+
+class ProducerProcess:
+    """``dalishare serve PIPELINE --data DATA --name NAME OPTIONS...`` in a child process. Its output
+    goes to a temporary file, not a pipe (a full pipe would block the producer). Leaving the ``with``
+    block stops it with SIGTERM and waits; `wait` kills it after its timeout."""
+
+    def __init__(self, data: Path | str, *options: str, name: str = "default", pipeline: Path | str = RESNET_STAGE):
+        self.name = name
+        self._log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dalishare", "serve", str(pipeline), "--data", str(data), "--name", name, *options],
+            stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+    def wait(self, timeout: float = 60) -> int | None:
+        """The exit code, or None if it had to be killed after ``timeout`` seconds."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            return None
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read()
+
+    def __enter__(self) -> "ProducerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def join_or_kill(procs, timeout: float = 30.0) -> None:
+    """Join child processes (multiprocessing), killing any that outlive ``timeout`` seconds."""
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
