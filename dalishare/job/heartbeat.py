@@ -1,38 +1,34 @@
-"""A job's heartbeat: tells the producer the job is alive, even while its training thread is busy."""
+"""A job's heartbeat: tells the producer the job is alive, even while its training thread is busy.
+NOTE [ Control protocol ] (wire/messages.py) says what a heartbeat carries and what the producer does."""
 
 from __future__ import annotations
 
 import threading
 from typing import Callable
 
-import zmq
-
-from ..wire import messages as protocol
+from ..wire.channel import JobChannel
 from ..wire.messages import Heartbeat
+
+JOIN_TIMEOUT_S = 5  # how long stop() waits for the thread
 
 
 class HeartbeatThread(threading.Thread):
-    """Tells the producer this job is alive, even while the training thread is busy elsewhere."""
+    """Sends ``Heartbeat`` every ``interval`` seconds on its own ``channel`` (ZeroMQ sockets are not
+    thread-safe), which it closes when stopped."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, job_id: int, interval: float, taken: Callable[[], int]):
+    def __init__(self, channel: JobChannel, job_id: int, interval: float, taken: Callable[[], int]):
         super().__init__(name=f"dalishare-heartbeat-{job_id}", daemon=True)
-        self._ctx, self._endpoint, self._job_id, self._interval = ctx, endpoint, job_id, interval
-        self._taken = taken  # the newest batch the job has begun to read (protocol.Heartbeat)
+        self._channel, self._job_id, self._interval = channel, job_id, interval
+        self._taken = taken  # the newest batch the job has begun to read (messages.Heartbeat)
         self._stopped = threading.Event()
 
     def run(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self._endpoint)
         try:
             while not self._stopped.wait(self._interval):
-                try:
-                    sock.send(protocol.encode(Heartbeat(self._job_id, self._taken())), zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # producer busy or gone: the training thread notices a gone producer
+                self._channel.send(Heartbeat(self._job_id, self._taken()))  # a gone producer: the job notices
         finally:
-            sock.close()
+            self._channel.close(linger_ms=0)
 
     def stop(self) -> None:
         self._stopped.set()
-        self.join(timeout=5)
+        self.join(timeout=JOIN_TIMEOUT_S)

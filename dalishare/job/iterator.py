@@ -17,13 +17,12 @@ from collections import deque
 from typing import Callable
 
 import torch
-import zmq
-
 from ..errors import BatchHeldTooLong, ProducerLost, ProducerNotFound, ProtocolError, SlotReused
 from ..shm import RingLayout, attach_ring
 from ..shm import names as runtime
-from ..wire import messages as protocol
-from ..wire.messages import Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, Suspended, Welcome
+from ..wire.channel import JobChannel
+from ..wire.messages import (Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, StopKind, Suspended,
+                             Welcome)
 from .heartbeat import HeartbeatThread
 from .keep import KeepWindow
 from .releases import SlotReleases
@@ -94,13 +93,12 @@ class DaliShareIterator:
         self._taken = -1  # seq of the newest producer batch taken from the queue; sent in heartbeats
         self._releases: SlotReleases | None = None
         self._epoch_over = True
-        self._ring = self._heartbeat = self._sock = None
+        self._ring = self._heartbeat = self._channel = None
         self._slot_tensors: list[torch.Tensor] = []
         self.job_id: int | None = None
         self._endpoint = runtime.endpoint(name)
         self._failure: str | None = None  # the producer's own error, when it stopped by failing
-        self._stop_kind: str | None = None
-        self._ctx = zmq.Context()
+        self._stop_kind: StopKind | None = None
         try:
             self._connect(attach_timeout)
         except BaseException:
@@ -109,9 +107,7 @@ class DaliShareIterator:
 
     def _connect(self, timeout: float) -> None:
         """Attach to the producer serving ``name``: hello/welcome, map its ring, start the heartbeat."""
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self._endpoint)
+        self._channel = JobChannel(self._endpoint)
         welcome = self._attach(timeout)
         self.job_id, self.producer_pid = welcome.job_id, welcome.producer_pid
         self._producer_started = runtime.process_start(welcome.producer_pid)
@@ -131,8 +127,8 @@ class DaliShareIterator:
         if self._target.type == "cuda" and self._target.index is None:
             self._target = torch.device("cuda", torch.cuda.current_device())
         self._releases = SlotReleases(self._release, self.ring_device if self.ring_device.type == "cuda" else None)
-        self._heartbeat = HeartbeatThread(self._ctx, self._endpoint, self.job_id, self._heartbeat_interval,
-                                          taken=lambda: self._taken)
+        self._heartbeat = HeartbeatThread(self._channel.sibling(self._endpoint), self.job_id,
+                                          self._heartbeat_interval, taken=lambda: self._taken)
         self._heartbeat.start()
 
     def _disconnect(self) -> None:
@@ -149,13 +145,11 @@ class DaliShareIterator:
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
-        if self._sock is not None and not self._sock.closed:
+        if self._channel is not None:
             if self.job_id is not None:
-                try:
-                    self._sock.send(protocol.encode(Bye(self.job_id, "closed")), zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-            self._sock.close(linger=100)
+                self._channel.send(Bye(self.job_id, "closed"))
+            self._channel.close()
+            self._channel = None
         self._current, self._slot_tensors, self.job_id = None, [], None
         if self._ring is not None:
             self._ring.close()
@@ -202,8 +196,6 @@ class DaliShareIterator:
     def close(self) -> None:
         """Detach from the producer, stop the heartbeat, unmap the ring. Safe to call twice."""
         self._disconnect()
-        if not self._ctx.closed:
-            self._ctx.term()
 
     def __enter__(self) -> "DaliShareIterator":
         return self
@@ -331,28 +323,22 @@ class DaliShareIterator:
             self._releases.done_reading(seq)
 
     def _release(self, seq: int) -> None:
-        try:
-            self._sock.send(protocol.encode(Release(self.job_id, seq)), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # a gone producer is reported by the next wait
+        self._channel.send(Release(self.job_id, seq))  # a gone producer is reported by the next wait
 
     # -- control channel ------------------------------------------------------------------------
 
     def _attach(self, timeout: float) -> Welcome:
-        self._sock.send(protocol.encode(Hello(os.getpid(), keep=self._window.keep)))
+        """NOTE [ Control protocol ] (wire/messages.py): Hello, then Welcome or Reject."""
+        self._channel.send(Hello(os.getpid(), keep=self._window.keep))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self._sock.poll(POLL_S * 1000):
+            if not self._channel.wait(POLL_S * 1000):
                 continue
-            try:
-                msg = protocol.decode(self._sock.recv())
-            except ProtocolError as exc:
-                log.warning("ignored a malformed message while attaching to %r: %s", self.name, exc)
-                continue
-            if isinstance(msg, Reject):
-                raise ProtocolError(f"producer {self.name!r} refused this job: {msg.reason}")
-            if isinstance(msg, Welcome):
-                return msg
+            for msg in self._channel.receive():
+                if isinstance(msg, Reject):
+                    raise ProtocolError(f"producer {self.name!r} refused this job: {msg.reason}")
+                if isinstance(msg, Welcome):
+                    return msg
         raise ProducerNotFound(
             f"no producer named {self.name!r} answered at {self._endpoint} within {timeout:.0f} s: "
             f"start one with `dalishare serve PIPELINE --data DIR --name {self.name}`")
@@ -368,7 +354,7 @@ class DaliShareIterator:
         deadline = time.monotonic() + self.batch_timeout
         while not self._pending and self.stop_reason is None and not self._failure:
             self._releases.poll()  # the producer may be waiting for a slot our GPU just finished with
-            if self._sock.poll(self._poll_ms()):
+            if self._channel.wait(self._poll_ms()):
                 self._receive_all()
             elif not runtime.pid_alive(self.producer_pid, self._producer_started):
                 if self.reconnect:
@@ -381,7 +367,7 @@ class DaliShareIterator:
                 raise ProducerLost(
                     f"producer {self.name!r} (pid {self.producer_pid}) is alive but sent no batch for "
                     f"{self.batch_timeout:.0f} s; check its log (is another job holding it back?)")
-        if self.reconnect and (self._failure or self._stop_kind == "stopped"):
+        if self.reconnect and (self._failure or self._stop_kind is StopKind.STOPPED):
             return self._reconnect(f"stopped ({self._failure or self.stop_reason})")
         if self._failure:
             raise ProducerLost(f"producer {self.name!r} (pid {self.producer_pid}) failed: {self._failure}; "
@@ -400,35 +386,28 @@ class DaliShareIterator:
                 f"job {self.job_id} holds all {held} slots of producer {self.name!r} (views it still uses, "
                 f"keep={self._window.keep}), so no new batch can come: serve with more --slots "
                 f"(keep + 2 at least), hold fewer batches at once, `.clone()` them, or pass copy=True")
-        try:
-            self._sock.send(protocol.encode(Heartbeat(self.job_id, self._taken)), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # a gone producer is reported by the wait
+        self._channel.send(Heartbeat(self.job_id, self._taken))  # a gone producer is reported by the wait
 
     def _receive_all(self) -> None:
-        while True:
-            try:
-                data = self._sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = protocol.decode(data)
-            except ProtocolError as exc:
-                log.warning("ignored a malformed message from producer %r: %s", self.name, exc)
-                continue
+        """Take in every queued message: NOTE [ Control protocol ] (wire/messages.py)."""
+        dropped = self._channel.dropped
+        for msg in self._channel.receive():
             if isinstance(msg, Batch):
                 self._pending.append(msg)
             elif isinstance(msg, Suspended):
                 self._resume_after_suspension(msg)
             elif isinstance(msg, Stop):
-                self.stop_reason, self._stop_kind = msg.reason, msg.kind
-                if msg.kind == "finished":  # only a suspended job still has some: it missed them
+                self.stop_reason, self._stop_kind = msg.reason, StopKind(msg.kind)
+                if self._stop_kind is StopKind.FINISHED:  # only a suspended job still has some: it missed them
                     self.missed_samples += sum(m.count for m in self._pending)
                 self._pending.clear()
-                if msg.kind == "failed":
+                if self._stop_kind is StopKind.FAILED:
                     self._failure = msg.reason
                 else:
                     log.warning("producer %r stopped: %s", self.name, msg.reason)
+        if self._channel.dropped > dropped:
+            log.warning("ignored %d malformed messages from producer %r: %s", self._channel.dropped - dropped,
+                        self.name, self._channel.last_drop)
 
     def _await_suspension(self) -> None:
         """A slot changed under this job, so the producer suspended it: wait for that message."""
@@ -438,7 +417,7 @@ class DaliShareIterator:
                 raise ProducerLost(f"a slot of producer {self.name!r} (pid {self.producer_pid}) changed under "
                                    f"job {self.job_id}, and no suspension came within {self.batch_timeout:.0f} s")
             self._releases.poll()
-            if self._sock.poll(self._poll_ms()):
+            if self._channel.wait(self._poll_ms()):
                 self._receive_all()
 
     def _poll_ms(self) -> float:
@@ -454,7 +433,4 @@ class DaliShareIterator:
         seen = [m.seq for m in self._pending] + ([self._last.seq] if self._last else [])
         log.warning("job %d was suspended by producer %r (%s); %d queued batches voided; resuming from "
                     "the current position", self.job_id, self.name, msg.reason, len(voided))
-        try:
-            self._sock.send(protocol.encode(Resume(self.job_id, max(seen, default=-1))), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # a gone producer is reported by the next wait
+        self._channel.send(Resume(self.job_id, max(seen, default=-1)))  # a gone producer: reported by the next wait

@@ -6,11 +6,42 @@ a `ProtocolError` (which the receiver counts and drops), never code: no pickle a
 
 Job -> producer: Hello, Release, Heartbeat, Resume, Bye.
 Producer -> job: Welcome, Reject, Batch, Suspended, Heartbeat (a probe), Stop.
+
+NOTE [ Control protocol ]
+=========================
+Cited from the loops that implement it: the producer's (producer/server.py) and the job's
+(job/iterator.py, job/heartbeat.py). Every receive has a timeout and a liveness check behind it.
+
+- Attach. Job: ``Hello(pid, keep, version)``, then waits up to ``attach_timeout`` for an answer.
+  Producer: a hello of another protocol version gets ``Reject`` (the job raises `ProtocolError`);
+  otherwise it registers the job under a random id and answers ``Welcome`` (id, ring layout, sample
+  shape and dtype, epoch size, batch size, classes), then announces the resident batches of the
+  current epoch (a late job gets the rest of it). No answer in time: `ProducerNotFound`.
+- Announcements. Producer: ``Batch`` to every active job for each slot it fills, in seq order;
+  from then on the job holds the slot (NOTE [ Slot ownership ], shm/__init__.py).
+- Releases. Job: ``Release(seq)`` when the keep rule lets a slot go (after its GPU reads, on a
+  device ring). Producer: drops the hold; a release counts as progress for the stall policy.
+- Heartbeats. Job: its heartbeat thread sends ``Heartbeat(taken)`` every ``heartbeat_interval``, and
+  the training thread sends one when it starts to wait for a batch; ``taken`` is the newest seq it
+  has begun to read. Producer: any message proves life; a job silent for ``--heartbeat-timeout`` is
+  probed with a ``Heartbeat`` of its own (taken -1), and detached if the send fails (socket gone).
+  Its process being gone (checked every REAP_INTERVAL_S) detaches it at once.
+- Suspension and resume. Producer: a job that released nothing for ``--stall-timeout`` while
+  another waits gets ``Suspended(reason, kept)``: only the seqs in ``kept`` stay held and its other
+  announcements are void. Job: drops the voided announcements and answers ``Resume(after_seq)``;
+  the producer announces the resident batches newer than ``after_seq`` and the job goes on.
+- Stop. Producer: ``Stop`` to every job as it ends, with its kind (`StopKind`): FINISHED (``--epochs``
+  served: the pass ends), STOPPED (a signal: the pass ends, or with ``reconnect=True`` the job waits
+  for the next producer), FAILED (an exception: `ProducerLost` with its error, or reconnect).
+  A producer that dies sends nothing: jobs notice its pid is gone within their poll interval.
+- Bye. Job: ``Bye(reason)`` when it closes. Producer: frees its holds. A job that dies sends
+  nothing: the producer notices its pid is gone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 
 import msgpack
@@ -87,8 +118,30 @@ class Bye:
 
 @dataclass(frozen=True)
 class Stop:
+    """The producer ends; ``kind`` is a `StopKind` value. Build it with a named constructor."""
+
     reason: str
-    kind: str = "stopped"  # "finished" (--epochs done), "stopped" (signal) or "failed" (crashed)
+    kind: str = "stopped"
+
+    @classmethod
+    def finished(cls, reason: str) -> "Stop":
+        return cls(reason, StopKind.FINISHED.value)
+
+    @classmethod
+    def stopped(cls, reason: str) -> "Stop":
+        return cls(reason, StopKind.STOPPED.value)
+
+    @classmethod
+    def failed(cls, reason: str) -> "Stop":
+        return cls(reason, StopKind.FAILED.value)
+
+
+class StopKind(str, enum.Enum):
+    """Why a producer stopped (NOTE [ Control protocol ])."""
+
+    FINISHED = "finished"  # its --epochs are served
+    STOPPED = "stopped"    # SIGINT/SIGTERM
+    FAILED = "failed"      # an exception; the reason says which
 
 
 @dataclass(frozen=True)
@@ -144,4 +197,6 @@ def decode(data: bytes):
         value = body[key]
         if not isinstance(value, _TYPES[type_name]) or (type_name == "int" and isinstance(value, bool)):
             raise ProtocolError(f"{cls.__name__}.{key} should be {type_name}, got {type(value).__name__}")
+    if cls is Stop and body["kind"] not in {kind.value for kind in StopKind}:
+        raise ProtocolError(f"Stop.kind {body['kind']!r} is none of {[kind.value for kind in StopKind]}")
     return cls(**body)

@@ -1,0 +1,116 @@
+"""The producer's registry of attached jobs and its liveness and stall decisions.
+
+Plain Python: it decides who is dead, who to probe, who stalls; it sends nothing (the serve loop
+acts on its decisions). The message sequence is NOTE [ Control protocol ] in wire/messages.py.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from ..shm import names
+from .slots import SlotTable
+
+
+class JobState(enum.Enum):
+    """ACTIVE -> SUSPENDED when it stalls (`JobRegistry.stallers`); SUSPENDED -> ACTIVE when it sends
+    ``Resume``. A job leaves the registry from either state (``Bye``, death, unreachable)."""
+
+    ACTIVE = "active"        # gets every announcement
+    SUSPENDED = "suspended"  # stalled: gets no announcements until it resumes
+
+
+@dataclass
+class Job:
+    id: int                   # random, so messages a job sent to an earlier producer of the name match none here
+    pid: int
+    identity: bytes           # its control socket's ZeroMQ identity
+    keep: int                 # from its Hello: it may be reading its keep+2 oldest held slots
+    last_seen: float          # its last message of any kind (monotonic s)
+    started: int | None = None  # its process's start time: tells it from a later process with its pid
+    taken: int = -1           # newest seq it has begun to read (heartbeats); held seqs above it are unread
+    state: JobState = JobState.ACTIVE
+    silent: bool = False      # warned about a missing heartbeat; cleared by its next message
+    last_progress: float = 0.0  # its last release, attach or resume: a stall is measured from here
+    next_probe: float = 0.0   # when to check a silent job's socket again
+
+    @property
+    def suspended(self) -> bool:
+        return self.state is JobState.SUSPENDED
+
+
+@dataclass
+class JobRegistry:
+    """Attached jobs by id, and what to do about them."""
+
+    pid_alive: Callable[[int, int | None], bool] = names.pid_alive  # injectable for the unit tests
+    _jobs: dict[int, Job] = field(default_factory=dict)
+
+    def add(self, pid: int, identity: bytes, keep: int, now: float) -> Job:
+        job_id = secrets.randbits(31)
+        while job_id in self._jobs:
+            job_id = secrets.randbits(31)
+        job = Job(job_id, pid, identity, keep, last_seen=now, started=names.process_start(pid), last_progress=now)
+        self._jobs[job_id] = job
+        return job
+
+    def get(self, job_id: int) -> Job | None:
+        return self._jobs.get(job_id)
+
+    def remove(self, job: Job) -> bool:
+        """Forget the job; False if it was already gone."""
+        return self._jobs.pop(job.id, None) is not None
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(list(self._jobs.values()))
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def active(self) -> list[Job]:
+        return [job for job in self._jobs.values() if not job.suspended]
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def heard_from(self, job: Job, now: float) -> None:
+        job.last_seen, job.silent = now, False
+
+    def progressed(self, job: Job, now: float) -> None:
+        job.last_progress = now
+
+    def suspend(self, job: Job) -> None:
+        job.state = JobState.SUSPENDED
+
+    def resume(self, job: Job, now: float) -> bool:
+        """The suspended job is back; False if it was not suspended."""
+        if not job.suspended:
+            return False
+        job.state, job.last_progress = JobState.ACTIVE, now
+        return True
+
+    # -- decisions ------------------------------------------------------------------------------
+
+    def dead(self) -> list[Job]:
+        """Jobs whose process is gone (zombies and reused pids count as gone)."""
+        return [job for job in self._jobs.values() if not self.pid_alive(job.pid, job.started)]
+
+    def to_probe(self, now: float, heartbeat_timeout: float) -> list[Job]:
+        """Jobs silent for ``heartbeat_timeout``, due for a probe of their socket (once per timeout)."""
+        due = [job for job in self._jobs.values()
+               if now - job.last_seen > heartbeat_timeout and now >= job.next_probe]
+        for job in due:
+            job.next_probe = now + heartbeat_timeout
+        return due
+
+    def stallers(self, table: SlotTable, now: float, stall_timeout: float) -> list[Job]:
+        """Active jobs to suspend, called while the producer cannot write (no free slot, or its last
+        epoch is served): those that released nothing for ``stall_timeout`` while holding slots, if
+        some other active job waits (has begun to read every batch it holds)."""
+        active = self.active()
+        if all(table.unread(job.id, job.taken) for job in active):  # nobody waits
+            return []
+        return [job for job in active
+                if table.held_by(job.id) and now - job.last_progress >= stall_timeout]
