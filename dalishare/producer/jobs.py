@@ -107,10 +107,11 @@ class JobRegistry:
 
     def stallers(self, table: SlotTable, now: float, stall_timeout: float) -> list[Job]:
         """Active jobs to suspend, called while the producer cannot write (no free slot, or its last
-        epoch is served): those that released nothing for ``stall_timeout`` while holding slots, if
-        some other active job waits (has begun to read every batch it holds)."""
+        epoch is served): those that released nothing for ``stall_timeout`` while batches they were
+        sent lie unread, if some other active job waits (has begun to read every batch it holds). A
+        job that waits itself is no staller, though it holds the views it uses."""
         active = self.active()
         if all(table.unread(job.id, job.taken) for job in active):  # nobody waits
             return []
         return [job for job in active
-                if table.held_by(job.id) and now - job.last_progress >= stall_timeout]
+                if table.unread(job.id, job.taken) and now - job.last_progress >= stall_timeout]

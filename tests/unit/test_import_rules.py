@@ -1,0 +1,82 @@
+"""Each room imports only what its role allows, checked in a fresh interpreter per side, and the
+package has no import cycle."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "dalishare"
+
+RULES = {  # what importing a room must not load
+    "dalishare.shm": ["torch", "zmq", "nvidia.dali"],
+    "dalishare.wire": ["torch", "nvidia.dali", "cupy"],
+    "dalishare.wire.channel": ["torch", "nvidia.dali", "cupy"],
+    "dalishare.producer": ["torch", "cupy"],
+    "dalishare.job": ["nvidia.dali"],
+    "dalishare.cli": ["torch", "nvidia.dali", "cupy"],
+    "dalishare.errors": ["torch", "zmq", "nvidia.dali", "cupy", "numpy"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(RULES))
+def test_a_room_does_not_load_what_its_role_forbids(module):
+    check = (f"import sys, {module}; "
+             f"print([m for m in {RULES[module]!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"importing {module} loaded {out.stdout.strip()}"
+
+
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The package modules ``path`` imports (top level and inside functions)."""
+    module, found = _module_of(path), set()
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("dalishare"):
+                found.add(target)
+                found.update(f"{target}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("dalishare"))
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    modules = {_module_of(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: {t for t in _imports(p) if t in modules and t != m} for m, p in modules.items()}
+    # a package imports its own modules through its face (__init__); that is not a cycle
+    graph = {m: {t for t in targets if not (m == t.rsplit(".", 1)[0] and modules[m].name == "__init__.py")}
+             for m, targets in graph.items()}
+    visiting, done, cycles = set(), set(), []
+
+    def visit(node, path):
+        if node in visiting:
+            cycles.append(path[path.index(node):] + [node])
+            return
+        if node in done:
+            return
+        visiting.add(node)
+        for nxt in sorted(graph[node]):
+            visit(nxt, path + [node])
+        visiting.discard(node)
+        done.add(node)
+
+    for m in sorted(graph):
+        visit(m, [])
+    assert not cycles, f"import cycles: {cycles}"
