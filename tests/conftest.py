@@ -1,33 +1,16 @@
-"""Shared fixtures: a generated JPEG dataset, producer and job processes, and a leak check on every test."""
+"""Shared fixtures: a generated JPEG dataset and a leak check on every test; the tiers' markers.
+Helpers (processes, GPU detection) live in tests/helpers."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from dalishare.testing import ProducerProcess, make_image_folder as make_dataset
-
-HERE = Path(__file__).parent
-ROOT = HERE.parent
-RESNET = ROOT / "pipelines" / "resnet.py"
-CLASS_SIZES = {"ants": 10, "bees": 7, "wasps": 13}
-N_SAMPLES = sum(CLASS_SIZES.values())
-
-
-def expected_labels(root: Path) -> list[int]:
-    """Label of each sample index, computed independently of dalishare.dataset."""
-    labels = []
-    for label, cls in enumerate(sorted(p.name for p in root.iterdir() if p.is_dir())):
-        labels += [label] * len([p for p in (root / cls).iterdir() if p.suffix == ".jpg"])
-    return labels
+from helpers import CLASS_SIZES, make_dataset
 
 
 @pytest.fixture(scope="session")
@@ -66,47 +49,10 @@ def no_leaks(monkeypatch):
     assert not any(left.values()), f"test left resources behind: {left}"
 
 
-class Server(ProducerProcess):
-    """``dalishare serve`` in a child process (named ``t`` unless told); stopped with SIGTERM at exit,
-    and a producer that does not exit in time fails the test with its log."""
-
-    def __init__(self, data: Path, *args: str, name: str = "t", pipeline: Path = RESNET):
-        super().__init__(data, *args, name=name, pipeline=pipeline)
-
-    def wait(self, timeout: float = 60) -> int:
-        code = super().wait(timeout)
-        if code is None:
-            pytest.fail(f"producer did not exit within {timeout} s; log:\n{self.log()}")
-        return code
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.wait(30)
-
-
-class Job:
-    """tests/job_script.py (or another job ``script``) in a child process; its record is read back as JSON."""
-
-    def __init__(self, out: Path, script: str = "job_script.py", **spec):
-        self.out = out
-        spec.setdefault("name", "t")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / script), json.dumps({**spec, "out": str(out)})],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def wait_attached(self, timeout: float = 60) -> None:
-        marker, deadline = Path(f"{self.out}.attached"), time.monotonic() + timeout
-        while not marker.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"job did not attach within {timeout} s: {self.result()}")
-            time.sleep(0.05)
-
-    def result(self, timeout: float = 120) -> dict:
-        try:
-            output, _ = self.proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            output, _ = self.proc.communicate(timeout=10)
-            pytest.fail(f"job did not finish within {timeout} s; output:\n{output}")
-        assert self.proc.returncode == 0, f"job failed with exit code {self.proc.returncode}:\n{output}"
-        return json.loads(self.out.read_text())
+def pytest_collection_modifyitems(items) -> None:
+    """Tiers by folder: tests/unit (fast, no DALI, no producer), tests/e2e (real processes, DALI,
+    ZeroMQ, shared memory), tests/gpu (needs a CUDA GPU; skips without one)."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier in ("e2e", "gpu"):
+            item.add_marker(getattr(pytest.mark, tier))

@@ -9,7 +9,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from conftest import Server
+from helpers import Server
 from dalishare import DaliShareIterator
 
 
@@ -57,7 +57,7 @@ CANNOT_DECODE = {"empty.jpg", "text.jpg"}
 
 
 def test_undecodable_files_are_excluded_once_and_the_rest_served_exactly_once(tmp_path):
-    from conftest import make_dataset
+    from helpers import make_dataset
 
     data = make_dataset(tmp_path / "data", {"good_a": 9, "good_b": 6})
     write_odd_files(data / "odd")

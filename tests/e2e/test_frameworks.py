@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import N_SAMPLES, ROOT, Server
+from helpers import N_SAMPLES, ROOT, Server
 from dalishare import BatchHeldTooLong, DaliShareIterator
 
 PAUSE_S = 0.05  # inside each step, between the two looks at its pixels

@@ -13,7 +13,7 @@ import pytest
 import torch
 import zmq
 
-from conftest import CLASS_SIZES, RESNET, Job, Server, expected_labels
+from helpers import CLASS_SIZES, RESNET, Job, Server, expected_labels
 from dalishare import DaliShareIterator, ProducerNotFound
 from dalishare.shm import names as runtime
 from dalishare.wire import messages as protocol
@@ -171,7 +171,7 @@ def test_augment_runs_on_each_batch(dataset):
 
 
 def test_producers_of_different_names_serve_side_by_side(dataset, tmp_path):
-    from conftest import make_dataset
+    from helpers import make_dataset
 
     other = make_dataset(tmp_path / "other", {"x": 3, "y": 2}, seed=5)
     with Server(dataset, "--batch-size", "8", "--epochs", "1", name="one"), \

@@ -13,57 +13,10 @@ import time
 
 import pytest
 
-from conftest import N_SAMPLES, RESNET, Job, Server
+from helpers import N_SAMPLES, PRODUCER_BATCH, RESNET, GpuJob, Server, check_exactly_once_and_pixels, expected_checksums, gpu_count
 
 
-def _gpus() -> int:
-    try:
-        import cupy
-        import torch
-
-        return min(cupy.cuda.runtime.getDeviceCount(), torch.cuda.device_count())
-    except Exception:  # no CuPy, no driver, no device: all mean no GPU here
-        return 0
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_gpus() == 0, reason="needs a CUDA GPU and CuPy")]
-
-PRODUCER_BATCH = 8
-
-
-def GpuJob(out, **spec) -> Job:
-    return Job(out, script="gpu_job.py", **spec)
-
-
-def expected_checksums(data, device: str, epochs: int, batch_size: int = PRODUCER_BATCH) -> dict:
-    """{(epoch, index): checksum} of the stage run directly in DALI, batch by batch as the producer
-    cuts them (the mixed decoder may split a batch between its hardware and CUDA decoders)."""
-    import torch
-    from gpu_job import checksum
-
-    from dalishare.producer.dataset import epoch_order, scan
-    from dalishare.producer.stage import load_stage, standalone_batches
-
-    ds, stage, expected = scan(data), load_stage(RESNET), {}
-    for epoch in range(epochs):
-        order = epoch_order(len(ds), 0, epoch)
-        batches = standalone_batches(stage, [ds.files[i] for i in order], batch_size, device=device)
-        position = 0
-        for batch in batches:
-            for value in checksum(torch.from_numpy(batch.numpy().copy())).tolist():
-                expected[(epoch, int(order[position]))] = value
-                position += 1
-    return expected
-
-
-def check_exactly_once_and_pixels(record: dict, expected: dict) -> None:
-    position = 0
-    for p in record["passes"]:
-        assert sorted(p["indices"]) == list(range(N_SAMPLES)), "not every sample exactly once"
-        for index in p["indices"]:
-            assert record["checksums"][position] == expected[(p["epoch"], index)], f"sample {index} differs"
-            position += 1
-
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA GPU and CuPy")]
 
 def test_gpu_jobs_get_zero_copy_views_equal_to_dali_exactly_once(dataset, tmp_path):
     expected = expected_checksums(dataset, "gpu", epochs=2)
@@ -137,7 +90,7 @@ def test_killed_gpu_job_is_reclaimed_and_a_killed_gpu_producer_is_producer_lost(
 @pytest.mark.parametrize("producer, job, ring", [
     ("gpu", "cpu", "cuda:0"),     # a CPU job of a GPU producer: one copy off the GPU
     ("cpu", "cuda:0", "cpu"),     # a GPU job of a CPU producer: one copy onto the GPU
-    pytest.param("gpu:0", "cuda:1", "cuda:0", marks=pytest.mark.skipif(_gpus() < 2, reason="needs two GPUs")),
+    pytest.param("gpu:0", "cuda:1", "cuda:0", marks=pytest.mark.skipif(gpu_count() < 2, reason="needs two GPUs")),
 ], ids=["cpu-job-gpu-ring", "gpu-job-host-ring", "peer-gpu"])
 def test_a_job_on_another_device_gets_one_copy_of_each_batch(dataset, tmp_path, producer, job, ring):
     expected = expected_checksums(dataset, "cpu" if producer == "cpu" else "gpu", epochs=1)
@@ -150,5 +103,5 @@ def test_a_job_on_another_device_gets_one_copy_of_each_batch(dataset, tmp_path, 
 
 def test_gpu_serving_of_an_absent_gpu_fails_in_one_line(dataset):
     proc = subprocess.run([sys.executable, "-m", "dalishare", "serve", str(RESNET), "--data", str(dataset),
-                           "--device", f"gpu:{_gpus()}", "--name", "t"], capture_output=True, text=True, timeout=60)
+                           "--device", f"gpu:{gpu_count()}", "--name", "t"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("dalishare: error:") == 1 and "does not exist" in proc.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RESNET, make_dataset
+from helpers import RESNET, ROOT, make_dataset
 from dalishare.shm import names as runtime
 from dalishare.wire import messages as protocol
 from dalishare.producer.dataset import epoch_order, scan
@@ -130,7 +130,7 @@ def test_runtime_dir_is_private(no_leaks: Path):
 
 
 def test_ci_runs_the_readme_test_command():
-    root = Path(__file__).parents[1]
+    root = ROOT
     command = (root / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert command in (root / "README.md").read_text()
 

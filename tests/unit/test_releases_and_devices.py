@@ -9,6 +9,7 @@ import time
 import pytest
 
 from dalishare.wire import messages as protocol
+from helpers import gpu_count
 from dalishare.errors import ConfigError, ProtocolError
 from dalishare.errors import GpuWorkTimeout
 from dalishare.job.releases import SlotReleases
@@ -94,18 +95,7 @@ def test_a_device_ring_layout_survives_the_wire_and_a_malformed_one_is_a_protoco
         attach_ring(RingLayout("tape", "s", 1, 8))
 
 
-def _no_gpu() -> bool:
-    try:
-        import cupy
-    except ImportError:
-        return True
-    try:
-        return cupy.cuda.runtime.getDeviceCount() == 0
-    except cupy.cuda.runtime.CUDARuntimeError:
-        return True
-
-
-@pytest.mark.skipif(not _no_gpu(), reason="this machine has a GPU")
+@pytest.mark.skipif(gpu_count(torch_too=False) > 0, reason="this machine has a GPU")
 @pytest.mark.parametrize("device", ["gpu", "gpu:0", "gpu:3"])
 def test_without_a_gpu_gpu_devices_fail_in_one_line(device):
     with pytest.raises(ConfigError) as info:
@@ -119,28 +109,9 @@ def test_unknown_devices_are_refused(device):
         parse_device(device)
 
 
-@pytest.mark.skipif(not _no_gpu(), reason="this machine has a GPU")
+@pytest.mark.skipif(gpu_count(torch_too=False) > 0, reason="this machine has a GPU")
 def test_without_a_gpu_a_job_cannot_open_a_device_ring_and_says_why():
     pytest.importorskip("cupy")
     layout = RingLayout("device", "dalishare.none.1", 2, 512, gpu="0000:19:00.0", handle=bytes(64))
     with pytest.raises(ConfigError, match="run the job where that GPU is visible"):
         attach_ring(layout)
-
-
-def test_the_gpu_tests_harness_checks_pixels_and_exactly_once_on_the_cpu_too(dataset, tmp_path):
-    """test_gpu.py's job script and reference checksums, run on the CPU path, so they are known to
-    work before a GPU machine runs them."""
-    from conftest import Server
-    from test_gpu import GpuJob, check_exactly_once_and_pixels, expected_checksums
-
-    expected = expected_checksums(dataset, "cpu", epochs=2)
-    with Server(dataset, "--batch-size", "8", "--epochs", "2", "--min-consumers", "2") as server:
-        jobs = [GpuJob(tmp_path / f"{bs}.json", batch_size=bs, passes=2) for bs in (4, 5)]
-        records = [job.result() for job in jobs]
-        assert server.wait() == 0, server.log()
-    for record in records:
-        assert record["device"] == record["ring_device"] == "cpu"
-        check_exactly_once_and_pixels(record, expected)
-    records[0]["checksums"][3] += 1  # and a wrong pixel would be caught
-    with pytest.raises(AssertionError, match="differs"):
-        check_exactly_once_and_pixels(records[0], expected)

@@ -12,7 +12,7 @@ import time
 import pytest
 import zmq
 
-from conftest import RESNET, Server
+from helpers import RESNET, Server
 from dalishare import DaliShareIterator
 from dalishare.shm import names as runtime
 from dalishare.wire import messages as protocol
@@ -77,7 +77,7 @@ def test_a_second_producer_of_a_name_refuses_to_start_and_names_the_first(datase
 
 
 def test_floods_and_garbage_on_the_control_socket_do_not_stop_honest_jobs(dataset):
-    from conftest import N_SAMPLES
+    from helpers import N_SAMPLES
 
     with Server(dataset, "--batch-size", "4", "--slots", "2", "--epochs", "1") as server:
         with DaliShareIterator("t", batch_size=4, attach_timeout=30) as loader:

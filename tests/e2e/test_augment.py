@@ -240,7 +240,7 @@ def test_on_cuda_it_is_batched_reproducible_and_agrees_with_the_cpu():
 # -- from DaliShareIterator ----------------------------------------------------------------------
 
 def test_jobs_with_different_seeds_augment_the_same_shared_batch_differently(dataset):
-    from conftest import Server
+    from helpers import Server
 
     from dalishare import DaliShareIterator
 
@@ -267,7 +267,7 @@ def test_jobs_with_different_seeds_augment_the_same_shared_batch_differently(dat
 
 def test_a_torchvision_pipeline_on_the_batch_works_as_augment(dataset):
     v2 = pytest.importorskip("torchvision.transforms.v2")
-    from conftest import Server
+    from helpers import Server
 
     from dalishare import DaliShareIterator
 
