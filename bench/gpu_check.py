@@ -32,11 +32,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from dalishare.testing import run_jobs
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-
-import sharing  # noqa: E402  (bench/sharing.py: the jobs and producer runner)
+import sharing  # bench/sharing.py (this script's folder is on sys.path): the jobs and producer runner
 
 JOBS = 3
 
@@ -93,7 +93,7 @@ def throughput(data: str, batches: int) -> dict:
     warmup = 5
     handoff = sharing.with_producer(data, 1, sharing.shared_job, (warmup, batches, 0.0), "gpu")[0]["handoff_ns"]
     shared = [r["img_s"] for r in sharing.with_producer(data, JOBS, sharing.shared_job, (warmup, batches, 0.0), "gpu")]
-    own = [r["img_s"] for r in sharing.run_jobs(sharing.own_pipeline_job, (data, "gpu", warmup, batches, 0.0), JOBS)]
+    own = [r["img_s"] for r in run_jobs(sharing.own_pipeline_job, (data, "gpu", warmup, batches, 0.0), JOBS)]
     return {"handoff": handoff, "shared": shared, "own": own}
 
 

@@ -16,16 +16,14 @@ DALI CPU pipeline. A bare ZeroMQ message's latency is printed for scale.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import queue
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from dalishare.testing import ProducerProcess, join_or_kill
+from dalishare.testing import jobs_on_producer, run_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "pipelines" / "resnet.py"
@@ -124,35 +122,12 @@ def own_pipeline_job(data: str, device: str, warmup: int, batches: int, step_s: 
     q.put({"img_s": images / (time.monotonic() - t0), "handoff_ns": []})
 
 
-def run_jobs(target, args: tuple, n: int, timeout: float = 600) -> list[dict]:
-    """Run ``n`` processes of ``target`` and collect one result each; a crashed job fails the run at once."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args, q)) for _ in range(n)]
-    for p in procs:
-        p.start()
-    results, deadline = [], time.monotonic() + timeout
-    try:
-        while len(results) < n:
-            try:
-                results.append(q.get(timeout=1))
-            except queue.Empty:
-                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if failed or time.monotonic() > deadline:
-                    raise RuntimeError(f"{target.__name__} jobs failed (exit codes {failed}) or timed out") from None
-        return results
-    finally:
-        join_or_kill(procs)
-
-
 SERVE_OPTIONS: list[str] = []  # extra `dalishare serve` options from the command line (--slots)
 
 
 def with_producer(data: str, consumers: int, target, args: tuple, device: str = "cpu") -> list[dict]:
-    name = f"bench-{os.getpid()}"
-    with ProducerProcess(data, "--batch-size", str(BATCH), "--min-consumers", str(consumers), "--device", device,
-                         *SERVE_OPTIONS, name=name, pipeline=STAGE):
-        return run_jobs(target, (name, *args), consumers)
+    options = ("--batch-size", str(BATCH), "--device", device, *SERVE_OPTIONS)
+    return jobs_on_producer(data, options, target, args, consumers, pipeline=STAGE)
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def run_stage(stage, files: list[str], batch: int, device_id: int | None, repeats: int) -> tuple[np.ndarray, float]:

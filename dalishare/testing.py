@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +81,34 @@ def join_or_kill(procs, timeout: float = 30.0) -> None:
         if p.is_alive():
             p.kill()
             p.join(timeout=5)
+
+
+def run_jobs(target, args: tuple, n: int, timeout: float = 600) -> list[dict]:
+    """Run ``n`` processes of ``target(*args, queue)`` (spawned) and collect the one result each puts
+    on the queue; a crashed job fails the run at once, a hung one after ``timeout`` seconds."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, q)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    results, deadline = [], time.monotonic() + timeout
+    try:
+        while len(results) < n:
+            try:
+                results.append(q.get(timeout=1))
+            except queue.Empty:
+                failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if failed or time.monotonic() > deadline:
+                    raise RuntimeError(f"{target.__name__} jobs failed (exit codes {failed}) or timed out") from None
+        return results
+    finally:
+        join_or_kill(procs)
+
+
+def jobs_on_producer(data, options: tuple, target, args: tuple, n: int, pipeline=RESNET_STAGE,
+                     timeout: float = 600) -> list[dict]:
+    """Start a producer (``dalishare serve`` with ``options``, waiting for ``n`` jobs), run ``n`` jobs
+    ``target(name, *args, queue)`` against it, return their results, stop it."""
+    name = f"bench-{os.getpid()}"
+    with ProducerProcess(data, *options, "--min-consumers", str(n), name=name, pipeline=pipeline):
+        return run_jobs(target, (name, *args), n, timeout)
