@@ -1,36 +1,30 @@
 """`DaliShareIterator`: a training job's side of dalishare.
 
-It attaches to a producer by name, maps the ring read-only, and turns the producer's batch
-announcements into batches of the job's own size: a job batch that lies inside one producer batch
-is a view of the ring (no copy); one that spans producer batches is copied into a tensor the job
-owns. Slots are released by the rules of NOTE [ Slot ownership ] in ring.py: a yielded view stays
-valid while it is in use, up to ``keep`` further batches (keep.py).
+It attaches to a producer by name (a `Session`), and turns the producer's batch announcements into
+batches of the job's own size (a `Rebatcher` decides the cuts): a job batch that lies inside one
+producer batch is a view of the ring (no copy); one that spans producer batches is copied into a
+tensor the job owns. Slots are given back by the rules of NOTE [ Slot ownership ] in
+shm/__init__.py: a yielded view stays valid while it is in use, up to ``keep`` further batches
+(keep.py). The messages are NOTE [ Control protocol ] in wire/messages.py.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-from collections import deque
 from typing import Callable
 
 import torch
-from ..errors import BatchHeldTooLong, ProducerLost, ProducerNotFound, ProtocolError, SlotReused
-from ..shm import RingLayout, attach_ring
-from ..shm import names as runtime
-from ..wire.channel import JobChannel
-from ..wire.messages import (Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, StopKind, Suspended,
-                             Welcome)
-from .heartbeat import HeartbeatThread
+
+from ..errors import ProducerLost, ProducerNotFound, SlotReused
+from ..shm import names
 from .keep import KeepWindow
-from .releases import SlotReleases
-from .views import ProducerBatch, leased_view, slot_tensors
+from .rebatch import Piece
+from .session import POLL_S, Counters, Session
+from .views import leased_view, piece_tensors
 
 log = logging.getLogger(__name__)
-
-POLL_S = 0.2  # how often a waiting job checks that its producer is still alive
 
 
 class DaliShareIterator:
@@ -75,118 +69,76 @@ class DaliShareIterator:
                  reconnect_timeout: float = 600.0):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        self.name = runtime.check_name(name)
-        self.augment, self.copy, self.batch_timeout = augment, copy, batch_timeout
-        self.reconnect, self.reconnect_timeout, self._heartbeat_interval = reconnect, reconnect_timeout, heartbeat_interval
-        self._requested_batch_size = batch_size
+        KeepWindow(keep)  # checks keep before anything is opened
+        self.name = names.check_name(name)
+        self.augment, self.copy, self.keep = augment, copy, keep
+        self.batch_timeout, self.reconnect, self.reconnect_timeout = batch_timeout, reconnect, reconnect_timeout
         self.device = torch.device(device) if device is not None else None
-        self.epoch: int | None = None
-        self.stop_reason: str | None = None
-        self.handoff_ns: deque[int] = deque(maxlen=100_000)  # announcement sent -> view ready
-        self.excluded_samples = 0  # files the producer excluded because DALI cannot decode them
-        self.missed_samples = 0    # samples skipped while this job was suspended for stalling
-        self._suspensions = 0
-        self._last: Batch | None = None  # the last producer batch taken from the queue
-        self._pending: deque[Batch] = deque()
-        self._current: ProducerBatch | None = None
-        self._window = KeepWindow(keep)  # slots read and not given back yet: NOTE [ Slot ownership ]
-        self._taken = -1  # seq of the newest producer batch taken from the queue; sent in heartbeats
-        self._releases: SlotReleases | None = None
-        self._epoch_over = True
-        self._ring = self._heartbeat = self._channel = None
-        self._slot_tensors: list[torch.Tensor] = []
-        self.job_id: int | None = None
-        self._endpoint = runtime.endpoint(name)
-        self._failure: str | None = None  # the producer's own error, when it stopped by failing
-        self._stop_kind: StopKind | None = None
-        try:
-            self._connect(attach_timeout)
-        except BaseException:
-            self.close()
-            raise
+        self.epoch: int | None = None  # the epoch of the pass in progress (or the last one)
+        self._requested_batch_size, self._heartbeat_interval = batch_size, heartbeat_interval
+        self._endpoint = names.endpoint(name)
+        self._counters = Counters()  # survive reconnects
+        self._session: Session | None = None
+        self._session = self._open(attach_timeout)
 
-    def _connect(self, timeout: float) -> None:
-        """Attach to the producer serving ``name``: hello/welcome, map its ring, start the heartbeat."""
-        self._channel = JobChannel(self._endpoint)
-        welcome = self._attach(timeout)
-        self.job_id, self.producer_pid = welcome.job_id, welcome.producer_pid
-        self._producer_started = runtime.process_start(welcome.producer_pid)
-        self.classes, self.samples_per_epoch = welcome.classes, welcome.epoch_size
-        self.producer_batch_size = welcome.batch_size
-        self.batch_size = self._requested_batch_size or welcome.batch_size
-        self._sample_shape = tuple(welcome.sample_shape)
-        self._dtype = getattr(torch, welcome.dtype)
-        self._sample_bytes = math.prod(self._sample_shape) * self._dtype.itemsize
-        self._ring = attach_ring(RingLayout.from_wire(welcome.ring))
-        self._slot_tensors, self.ring_device = slot_tensors(self._ring)
-        if self._ring.layout.slots < self._window.keep + 2:
-            log.warning("producer %r has %d slots: a job that uses keep=%d views at once needs %d; it will "
-                        "get BatchHeldTooLong if it does (serve with more --slots, or lower keep)", self.name,
-                        self._ring.layout.slots, self._window.keep, self._window.keep + 2)
-        self._target = self.device or self.ring_device
+    def _open(self, timeout: float) -> Session:
+        session = Session(self.name, self._endpoint, keep=self.keep, batch_size=self._requested_batch_size,
+                          timeout=timeout, heartbeat_interval=self._heartbeat_interval, counters=self._counters)
+        self._target = self.device or session.ring_device
         if self._target.type == "cuda" and self._target.index is None:
             self._target = torch.device("cuda", torch.cuda.current_device())
-        self._releases = SlotReleases(self._release, self.ring_device if self.ring_device.type == "cuda" else None)
-        self._heartbeat = HeartbeatThread(self._channel.sibling(self._endpoint), self.job_id,
-                                          self._heartbeat_interval, taken=lambda: self._taken)
-        self._heartbeat.start()
+        return session
 
-    def _disconnect(self) -> None:
-        """Say goodbye (if attached), stop the heartbeat, close the socket, unmap the ring."""
-        if self._releases is not None:  # let the GPU finish reading the ring before leaving it
-            try:
-                for seq in self._window.take_all():  # the job leaves: views it still holds may change now
-                    self._releases.done_reading(seq)
-                self._releases.wait_below(1, timeout=self.batch_timeout)
-            except Exception as exc:  # a timeout, or a CUDA error: still close everything below
-                log.warning("job %s leaves with GPU reads of the ring still in flight: %s", self.job_id, exc)
-            self._releases.forget()
-            self._releases = None
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-            self._heartbeat = None
-        if self._channel is not None:
-            if self.job_id is not None:
-                self._channel.send(Bye(self.job_id, "closed"))
-            self._channel.close()
-            self._channel = None
-        self._current, self._slot_tensors, self.job_id = None, [], None
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
-
-    def _reconnect(self, why: str) -> None:
-        """``reconnect=True``: forget the lost producer (its batches, views and slots) and attach
-        to its successor. The pass in progress ends here."""
+    def _reconnect(self) -> None:
+        """``reconnect=True``: forget the lost producer (its batches, views and slots) and attach to
+        its successor in a new session. The pass in progress ends here."""
+        old = self._session
         log.warning("producer %r (pid %d) %s; waiting up to %.0f s for a new one", self.name,
-                    self.producer_pid, why, self.reconnect_timeout)
+                    old.producer_pid, old.lost, self.reconnect_timeout)
         deadline = time.monotonic() + self.reconnect_timeout
-        while runtime.pid_alive(self.producer_pid, self._producer_started) and time.monotonic() < deadline:
+        while old.producer_alive() and time.monotonic() < deadline:
             time.sleep(POLL_S)  # until it is gone, its socket could swallow our hello
-        self._disconnect()
-        self._pending.clear()
-        self._window.forget()  # their seqs mean other slots to the next producer
-        self._taken = -1
-        self._last = self.stop_reason = self._failure = self._stop_kind = None
-        self._epoch_over, self.epoch = True, None
+        old.close(timeout=self.batch_timeout)
+        self._session, self.epoch = None, None
         try:
-            self._connect(self.reconnect_timeout)
+            self._session = self._open(self.reconnect_timeout)
         except ProducerNotFound as exc:
-            raise ProducerLost(f"producer {self.name!r} {why}, and no new one came: {exc}") from None
+            raise ProducerLost(f"producer {self.name!r} {old.lost}, and no new one came: {exc}") from None
         log.warning("job %d attached to the new producer %r (pid %d)", self.job_id, self.name, self.producer_pid)
 
     # -- public API -----------------------------------------------------------------------------
+
+    job_id = property(lambda self: self._session.job_id if self._session else None)
+    producer_pid = property(lambda self: self._session.producer_pid)
+    classes = property(lambda self: self._session.classes)
+    samples_per_epoch = property(lambda self: self._session.samples_per_epoch)
+    producer_batch_size = property(lambda self: self._session.producer_batch_size)
+    batch_size = property(lambda self: self._session.rebatcher.batch_size)
+    ring_device = property(lambda self: self._session.ring_device)
+    stop_reason = property(lambda self: self._session.stop_reason if self._session else None,
+                           doc="why the producer stopped, once it has")
+    excluded_samples = property(lambda self: self._counters.excluded,
+                                doc="files the producer excluded because DALI cannot decode them")
+    missed_samples = property(lambda self: self._counters.missed,
+                              doc="samples skipped while this job was suspended for stalling")
+    handoff_ns = property(lambda self: self._counters.handoff_ns, doc="announcement sent -> view ready, per batch")
+    _ring = property(lambda self: self._session.ring)
+    _slot_tensors = property(lambda self: self._session.slot_tensors)
 
     def __len__(self) -> int:
         return math.ceil(self.samples_per_epoch / self.batch_size)
 
     def __iter__(self):
         self._skip_rest_of_epoch()
-        self._receive_all()  # a Suspended message may void the queued head
-        head = self._peek()
+        session = self._session
+        session.receive_all()  # a Suspended message may void the queued head
+        head = session.peek(self.batch_timeout, self.reconnect)
         if head is None:
+            if self.reconnect and session.lost:
+                self._reconnect()
             return
-        self.epoch, self._epoch_over = head.epoch, False
+        self.epoch = head.epoch
+        session.rebatcher.begin_epoch()
         while (batch := self._next_batch()) is not None:
             if self.augment is not None:
                 batch = self.augment(batch)
@@ -195,7 +147,9 @@ class DaliShareIterator:
 
     def close(self) -> None:
         """Detach from the producer, stop the heartbeat, unmap the ring. Safe to call twice."""
-        self._disconnect()
+        if self._session is not None:
+            self._session.close(timeout=self.batch_timeout)
+            self._session = None
 
     def __enter__(self) -> "DaliShareIterator":
         return self
@@ -206,231 +160,87 @@ class DaliShareIterator:
     # -- rebatching ----------------------------------------------------------------------------
 
     def _next_batch(self) -> dict | None:
-        self._give_back()
+        self._session.give_back()
         while True:
             try:
                 batch = self._assemble()
                 if batch is not None:
-                    self._window.stepped()
+                    self._session.window.stepped()
                 return batch
             except SlotReused as exc:  # suspended while reading: the batch is lost, go on after it
-                self._current = None
-                self.missed_samples += exc.lost
-                self._await_suspension()
+                self._session.rebatcher.lose_current()
+                self._counters.missed += exc.lost
+                self._session.await_suspension(self.batch_timeout)
+
+    def _reading(self) -> bool:
+        """Whether a producer batch of this pass is being read, beginning the next one if needed."""
+        session, rebatcher = self._session, self._session.rebatcher
+        if rebatcher.epoch_over:
+            return False
+        if rebatcher.current is None and session.begin_next(self.epoch, self.batch_timeout, self.reconnect) is None:
+            rebatcher.end_epoch()
+            if self.reconnect and session.lost:
+                self._reconnect()
+            return False
+        return True
 
     def _assemble(self) -> dict | None:
-        if self._epoch_over:
+        session, rebatcher = self._session, self._session.rebatcher
+        if not self._reading():
             return None
-        first = self._producer_batch()
-        if first is None:
-            return None
-        if first.remaining >= self.batch_size or first.msg.last:  # inside one producer batch: a view
-            n, offset = min(self.batch_size, first.remaining), first.offset
-            images, labels, indices = first.take(n)
+        if rebatcher.next_is_view():  # inside one producer batch: a view
+            piece = rebatcher.take(self.batch_size)
+            images, labels, indices = self._tensors(piece)
             if images.device != self._target:
                 images = images.to(self._target)  # one copy: to the CPU (synchronous), another GPU, or a GPU
             elif self.copy:
                 images = images.clone()
             else:  # a view with a storage of its own, so the window knows while it is referenced
-                images, lease = leased_view(self._ring, first.msg.slot, offset * self._sample_bytes,
-                                            (n, *self._sample_shape), self._dtype, self.ring_device)
-                self._window.viewed(first.msg.seq, lease)
-            self._finish_if_consumed(first)
+                images, lease = leased_view(session.ring, piece.msg.slot, piece.offset * self._sample_bytes,
+                                            (piece.count, *session.sample_shape), session.dtype, session.ring_device)
+                session.window.viewed(piece.msg.seq, lease)
+            self._finish(piece)
         else:  # spans producer batches: assemble into a tensor this job owns, up to the epoch's end
             size = self.batch_size
-            images = torch.empty((size, *self._sample_shape), dtype=self._dtype, device=self._target)
+            images = torch.empty((size, *session.sample_shape), dtype=session.dtype, device=self._target)
             labels, indices = torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=torch.int64)
             filled = 0
-            while filled < size and not self._epoch_over:
-                part = self._producer_batch()
-                if part is None:  # the producer stopped
-                    break
-                n = min(size - filled, part.remaining)
-                for out, piece in zip((images, labels, indices), part.take(n)):
-                    out[filled : filled + n] = piece
+            while filled < size and self._reading():
+                piece = rebatcher.take(size - filled)
+                n = piece.count
+                for out, part in zip((images, labels, indices), self._tensors(piece)):
+                    out[filled : filled + n] = part
                 # rewritten while we copied? (host rings; on a device ring the copy is only queued
-                # here, and the two-slot rule of NOTE [ Slot ownership ] is what protects it)
-                if not self._ring.holds(part.msg.slot, part.msg.seq):
-                    raise SlotReused(filled + n + part.remaining)
+                # here, and the GPU rule of NOTE [ Slot ownership ] is what protects it)
+                if not session.ring.holds(piece.msg.slot, piece.msg.seq):
+                    raise SlotReused(filled + n + piece.rest)
                 filled += n
-                self._finish_if_consumed(part)
+                self._finish(piece)
             if filled < size:  # the epoch (or the producer) ended first: a last, smaller batch
                 images, labels, indices = images[:filled], labels[:filled], indices[:filled]
         if self._target.type != "cpu":  # pinned and non-blocking: a plain copy would wait for the GPU
             labels = labels.pin_memory().to(self._target, non_blocking=True)
         return {"images": images, "labels": labels, "indices": indices}
 
-    def _producer_batch(self) -> ProducerBatch | None:
-        """The producer batch to read next (blocking for it), or None once the producer stopped or
-        the next batch belongs to another epoch (if the epoch's last samples could not be decoded,
-        the batch before them was not marked last)."""
-        if self._current is None:
-            self._releases.wait_below(2, self.batch_timeout)  # at most one released slot still read by the GPU (NOTE [ Slot ownership ])
-            self._receive_all()  # a Suspended message voids queued announcements: see it first
-            head = self._peek()
-            if head is None or head.epoch != self.epoch:
-                self._epoch_over = True
-                return None
-            msg = self._pending.popleft()
-            self._taken = msg.seq
-            self._count_missed(msg)
-            self.samples_per_epoch, self.excluded_samples = msg.epoch_size, msg.excluded
-            images = self._slot_tensors[msg.slot][: msg.count * math.prod(self._sample_shape) * self._dtype.itemsize]
-            images = images.view(self._dtype).view(msg.count, *self._sample_shape)
-            self._current = ProducerBatch(msg, images)
-            if not self._ring.holds(msg.slot, msg.seq):  # voided by a Suspended still on its way
-                raise SlotReused(msg.count)
-            self.handoff_ns.append(time.monotonic_ns() - msg.sent_ns)
-        return self._current
+    @property
+    def _sample_bytes(self) -> int:
+        return math.prod(self._session.sample_shape) * self._session.dtype.itemsize
 
-    def _count_missed(self, msg: Batch) -> None:
-        """Account for samples skipped between the last batch and ``msg`` (after a suspension)."""
-        last, self._last = self._last, msg
-        if last is None:
-            return
-        if msg.epoch == last.epoch:
-            missed = msg.start - (last.start + last.count)
-        else:
-            missed = last.epoch_size - (last.start + last.count) + msg.start + (msg.epoch - last.epoch - 1) * msg.epoch_size
-        if missed > 0:
-            self.missed_samples += missed
-            log.warning("job %d continues at epoch %d sample %d: it missed %d samples while suspended "
-                        "(%d in all)", self.job_id, msg.epoch, msg.start, missed, self.missed_samples)
+    def _tensors(self, piece: Piece):
+        session = self._session
+        return piece_tensors(session.slot_tensors[piece.msg.slot], piece, session.sample_shape, session.dtype)
 
-    def _finish_if_consumed(self, part: ProducerBatch) -> None:
-        """All of ``part`` is taken: it is given back as soon as no view of it is in use (keep.py)."""
-        if part.remaining:
+    def _finish(self, piece: Piece) -> None:
+        """If ``piece`` ended its producer batch, that batch is given back as soon as no view of it
+        is in use (keep.py)."""
+        if piece.rest:
             return
-        if part.msg.last:
-            self._epoch_over = True
-        self._current = None
-        self._window.consumed(part.msg.seq)
-        self._give_back()
+        self._session.window.consumed(piece.msg.seq)
+        self._session.give_back()
 
     def _skip_rest_of_epoch(self) -> None:
         """A new pass starts a new epoch: release what is left of an abandoned one."""
-        self._give_back()
-        while not self._epoch_over:
-            part = self._producer_batch()
-            if part is None:
-                break
-            part.take(part.remaining)
-            self._finish_if_consumed(part)
-
-    def _give_back(self) -> None:
-        """Release the slots the keep rule no longer holds (after their GPU reads, on a device ring)."""
-        for seq in self._window.releasable():
-            self._releases.done_reading(seq)
-
-    def _release(self, seq: int) -> None:
-        self._channel.send(Release(self.job_id, seq))  # a gone producer is reported by the next wait
-
-    # -- control channel ------------------------------------------------------------------------
-
-    def _attach(self, timeout: float) -> Welcome:
-        """NOTE [ Control protocol ] (wire/messages.py): Hello, then Welcome or Reject."""
-        self._channel.send(Hello(os.getpid(), keep=self._window.keep))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._channel.wait(POLL_S * 1000):
-                continue
-            for msg in self._channel.receive():
-                if isinstance(msg, Reject):
-                    raise ProtocolError(f"producer {self.name!r} refused this job: {msg.reason}")
-                if isinstance(msg, Welcome):
-                    return msg
-        raise ProducerNotFound(
-            f"no producer named {self.name!r} answered at {self._endpoint} within {timeout:.0f} s: "
-            f"start one with `dalishare serve PIPELINE --data DIR --name {self.name}`")
-
-    def _peek(self) -> Batch | None:
-        self._wait_for_batch()
-        return self._pending[0] if self._pending else None
-
-    def _wait_for_batch(self) -> None:
-        """Receive until a batch is pending or the producer stopped; a dead producer raises `ProducerLost`."""
-        if not self._pending and self.stop_reason is None and not self._failure:
-            self._announce_waiting()
-        deadline = time.monotonic() + self.batch_timeout
-        while not self._pending and self.stop_reason is None and not self._failure:
-            self._releases.poll()  # the producer may be waiting for a slot our GPU just finished with
-            if self._channel.wait(self._poll_ms()):
-                self._receive_all()
-            elif not runtime.pid_alive(self.producer_pid, self._producer_started):
-                if self.reconnect:
-                    return self._reconnect("died")
-                raise ProducerLost(
-                    f"producer {self.name!r} (pid {self.producer_pid}) died; restart it with "
-                    f"`dalishare serve ... --name {self.name}` and restart this job "
-                    f"(or pass reconnect=True to wait for it)")
-            elif time.monotonic() > deadline:
-                raise ProducerLost(
-                    f"producer {self.name!r} (pid {self.producer_pid}) is alive but sent no batch for "
-                    f"{self.batch_timeout:.0f} s; check its log (is another job holding it back?)")
-        if self.reconnect and (self._failure or self._stop_kind is StopKind.STOPPED):
-            return self._reconnect(f"stopped ({self._failure or self.stop_reason})")
-        if self._failure:
-            raise ProducerLost(f"producer {self.name!r} (pid {self.producer_pid}) failed: {self._failure}; "
-                               f"fix the cause in its log, restart it and this job")
-
-    def _announce_waiting(self) -> None:
-        """About to wait for a batch: give back what we can, fail if we hold the whole ring ourselves,
-        and tell the producer we wait (for its stall policy: NOTE [ Slot ownership ])."""
-        self._receive_all()
-        if self._pending:
-            return
-        self._give_back()
-        held = self._window.held  # GPU reads in flight end by themselves; views in use do not
-        if held >= self._ring.layout.slots:
-            raise BatchHeldTooLong(
-                f"job {self.job_id} holds all {held} slots of producer {self.name!r} (views it still uses, "
-                f"keep={self._window.keep}), so no new batch can come: serve with more --slots "
-                f"(keep + 2 at least), hold fewer batches at once, `.clone()` them, or pass copy=True")
-        self._channel.send(Heartbeat(self.job_id, self._taken))  # a gone producer is reported by the wait
-
-    def _receive_all(self) -> None:
-        """Take in every queued message: NOTE [ Control protocol ] (wire/messages.py)."""
-        dropped = self._channel.dropped
-        for msg in self._channel.receive():
-            if isinstance(msg, Batch):
-                self._pending.append(msg)
-            elif isinstance(msg, Suspended):
-                self._resume_after_suspension(msg)
-            elif isinstance(msg, Stop):
-                self.stop_reason, self._stop_kind = msg.reason, StopKind(msg.kind)
-                if self._stop_kind is StopKind.FINISHED:  # only a suspended job still has some: it missed them
-                    self.missed_samples += sum(m.count for m in self._pending)
-                self._pending.clear()
-                if self._stop_kind is StopKind.FAILED:
-                    self._failure = msg.reason
-                else:
-                    log.warning("producer %r stopped: %s", self.name, msg.reason)
-        if self._channel.dropped > dropped:
-            log.warning("ignored %d malformed messages from producer %r: %s", self._channel.dropped - dropped,
-                        self.name, self._channel.last_drop)
-
-    def _await_suspension(self) -> None:
-        """A slot changed under this job, so the producer suspended it: wait for that message."""
-        seen, deadline = self._suspensions, time.monotonic() + self.batch_timeout
-        while self._suspensions == seen and self._failure is None and self.stop_reason is None:
-            if time.monotonic() > deadline:
-                raise ProducerLost(f"a slot of producer {self.name!r} (pid {self.producer_pid}) changed under "
-                                   f"job {self.job_id}, and no suspension came within {self.batch_timeout:.0f} s")
-            self._releases.poll()
-            if self._channel.wait(self._poll_ms()):
-                self._receive_all()
-
-    def _poll_ms(self) -> float:
-        return 1 if self._releases.in_flight else POLL_S * 1000
-
-    def _resume_after_suspension(self, msg: Suspended) -> None:
-        """The producer suspended this job for stalling: drop the announcements it voided, say so,
-        and ask to go on from the current position."""
-        self._suspensions += 1
-        kept = set(msg.kept)
-        voided = [m for m in self._pending if m.seq not in kept]
-        self._pending = deque(m for m in self._pending if m.seq in kept)
-        seen = [m.seq for m in self._pending] + ([self._last.seq] if self._last else [])
-        log.warning("job %d was suspended by producer %r (%s); %d queued batches voided; resuming from "
-                    "the current position", self.job_id, self.name, msg.reason, len(voided))
-        self._channel.send(Resume(self.job_id, max(seen, default=-1)))  # a gone producer: reported by the next wait
+        self._session.give_back()
+        rebatcher = self._session.rebatcher
+        while self._reading():
+            self._finish(rebatcher.take(rebatcher.remaining))

@@ -1,4 +1,4 @@
-"""A job's tensors over the ring: a zero-copy tensor per slot, and the producer batch being read."""
+"""A job's tensors over the ring: a zero-copy tensor per slot, a piece's samples, and leased views."""
 
 from __future__ import annotations
 
@@ -9,25 +9,18 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..wire.messages import Batch
+from .rebatch import Piece
 
 
-class ProducerBatch:
-    """A producer batch being consumed: its slot view and how far this job has read into it."""
-
-    def __init__(self, msg: Batch, images: torch.Tensor):
-        self.msg, self.images, self.offset = msg, images, 0
-        self.labels = torch.from_numpy(np.frombuffer(msg.labels, dtype="<i8").astype(np.int64))
-        self.indices = torch.from_numpy(np.frombuffer(msg.indices, dtype="<i8").astype(np.int64))
-
-    @property
-    def remaining(self) -> int:
-        return self.msg.count - self.offset
-
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        s = slice(self.offset, self.offset + n)
-        self.offset += n
-        return self.images[s], self.labels[s], self.indices[s]
+def piece_tensors(slot: torch.Tensor, piece: Piece, sample_shape: tuple, dtype: torch.dtype):
+    """``piece``'s images (a view of the slot's uint8 tensor, for copying out of), labels and indices."""
+    sample_bytes = math.prod(sample_shape) * dtype.itemsize
+    start, end = piece.offset * sample_bytes, (piece.offset + piece.count) * sample_bytes
+    images = slot[start:end].view(dtype).view(piece.count, *sample_shape)
+    rows = slice(piece.offset, piece.offset + piece.count)
+    labels = np.frombuffer(piece.msg.labels, dtype="<i8")[rows].astype(np.int64)
+    indices = np.frombuffer(piece.msg.indices, dtype="<i8")[rows].astype(np.int64)
+    return images, torch.from_numpy(labels), torch.from_numpy(indices)
 
 
 def leased_view(ring, slot: int, offset: int, shape: tuple, dtype: torch.dtype, device: torch.device):

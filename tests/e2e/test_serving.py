@@ -272,10 +272,10 @@ def test_peers_gone_before_their_welcome_hold_no_slots_and_wrong_versions_are_re
 def test_a_job_of_another_protocol_version_gets_one_clear_error(dataset, monkeypatch):
     import functools
 
-    import dalishare.job.iterator
+    import dalishare.job.session
     from dalishare import ProtocolError
 
-    monkeypatch.setattr(dalishare.job.iterator, "Hello", functools.partial(protocol.Hello, version=99))
+    monkeypatch.setattr(dalishare.job.session, "Hello", functools.partial(protocol.Hello, version=99))
     with Server(dataset, "--batch-size", "8"):
         with pytest.raises(ProtocolError, match=f"refused this job: protocol version 99 is not the producer's {protocol.PROTOCOL_VERSION}"):
             DaliShareIterator("t", attach_timeout=30)
