@@ -2,13 +2,13 @@
 
     python bench/gpu_check.py [--data DIR] [--batches 60] [--out bench/results/gpu-check.txt]
 
-1. Runs tests/test_gpu.py and times each test: zero copy (a job's tensors lie inside the opened IPC
+1. Runs tests/gpu/test_gpu.py and times each test: zero copy (a job's tensors lie inside the opened IPC
    mapping), pixels equal to the stage run directly in DALI on the GPU, exactly-once for three jobs
    with batch sizes 4/5/11, a consumer whose kernels are slow on purpose (views and spanning copies)
    never seeing a torn or overwritten batch, a killed job reclaimed and a killed producer turned into
    ProducerLost, IPC mappings closed on close(), a CPU job of a GPU producer and a GPU job of a CPU
    producer (and a job on a second GPU, where there is one).
-   Also the CUDA test of dalishare.augment (tests/test_augment.py).
+   Also the CUDA test of dalishare.augment (tests/e2e/test_augment.py).
 2. In one run: images/s of one shared GPU pipeline feeding three jobs versus three jobs each running
    its own DALI GPU pipeline (bench/sharing.py's jobs: no emulated step, every pixel read on the GPU),
    and the hand-off latency (announcement sent -> tensor in a waiting job).
@@ -56,7 +56,7 @@ def versions() -> str:
 
 
 def run_gpu_tests(timeout: float = 300) -> list[tuple[str, str, float, str]]:
-    """(test, outcome, seconds, message) for each test marked ``gpu`` (tests/test_gpu.py, test_augment.py)."""
+    """(test, outcome, seconds, message) for each test marked ``gpu`` (tests/gpu/test_gpu.py, tests/e2e/test_augment.py)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         try:
@@ -64,9 +64,9 @@ def run_gpu_tests(timeout: float = 300) -> list[tuple[str, str, float, str]]:
                                    "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
                                   cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return [("tests/test_gpu.py", "TIMEOUT", timeout, f"did not finish within {timeout:.0f} s")]
+            return [("tests/gpu/test_gpu.py", "TIMEOUT", timeout, f"did not finish within {timeout:.0f} s")]
         if not report.exists():
-            return [("tests/test_gpu.py", "ERROR", 0.0, (proc.stdout + proc.stderr)[-300:])]
+            return [("tests/gpu/test_gpu.py", "ERROR", 0.0, (proc.stdout + proc.stderr)[-300:])]
         rows = []
         for case in ET.parse(report).iter("testcase"):
             outcome, message = "passed", ""

@@ -9,10 +9,10 @@ import signal
 import sys
 
 from .errors import DalishareError
+from .intervals import SHUTDOWN_LIMIT_S
 from .producer import ServeOptions
 
 DEFAULTS = ServeOptions()
-SHUTDOWN_LIMIT_S = 20  # after SIGINT/SIGTERM, the most a producer's teardown may take
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+from ..intervals import HEARTBEAT_JOIN_S
 from ..wire.channel import JobChannel
 from ..wire.messages import Heartbeat
 
-JOIN_TIMEOUT_S = 5  # how long stop() waits for the thread
 
 
 class HeartbeatThread(threading.Thread):
@@ -31,4 +31,4 @@ class HeartbeatThread(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
-        self.join(timeout=JOIN_TIMEOUT_S)
+        self.join(timeout=HEARTBEAT_JOIN_S)

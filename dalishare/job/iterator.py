@@ -21,7 +21,8 @@ from ..errors import ProducerLost, ProducerNotFound, SlotReused
 from ..shm import names
 from .keep import KeepWindow
 from .rebatch import Piece
-from .session import POLL_S, Counters, Session
+from ..intervals import PRODUCER_POLL_S
+from .session import Counters, Session
 from .views import leased_view, piece_tensors
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class DaliShareIterator:
                     old.producer_pid, old.lost, self.reconnect_timeout)
         deadline = time.monotonic() + self.reconnect_timeout
         while old.producer_alive() and time.monotonic() < deadline:
-            time.sleep(POLL_S)  # until it is gone, its socket could swallow our hello
+            time.sleep(PRODUCER_POLL_S)  # until it is gone, its socket could swallow our hello
         old.close(timeout=self.batch_timeout)
         self._session, self.epoch = None, None
         try:

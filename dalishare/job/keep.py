@@ -1,4 +1,4 @@
-"""When a job may give back a slot it has read: the ``keep`` rule of NOTE [ Slot ownership ] in ring.py.
+"""When a job may give back a slot it has read: the ``keep`` rule of NOTE [ Slot ownership ] in shm/__init__.py.
 
 A view yielded at step ``s`` (the job's ``s``-th batch, counting from 0) stays valid while the job
 may still be using it. Every yielded view has its own storage (views.py), so the job knows whether

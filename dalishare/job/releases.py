@@ -5,7 +5,7 @@ earlier steps may still be reading a slot. So for a ring in GPU memory each slot
 with (by the keep rule, keep.py: no view of it in use any more) gets a CUDA event recorded on the
 job's current stream, and the slot is released only once that event has completed. Events are
 polled (``query``), never waited on, except when the job would otherwise read a new slot while two
-released slots still have GPU reads in flight: the rules of NOTE [ Slot ownership ] in ring.py let a
+released slots still have GPU reads in flight: the rules of NOTE [ Slot ownership ] in shm/__init__.py let a
 job read only its keep+2 oldest held slots, so the training thread then waits (bounded) until its
 GPU has caught up.
 """
@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from ..errors import GpuWorkTimeout
+from ..intervals import GPU_WAIT_POLL_S
 
-POLL_S = 50e-6  # between event queries while the job must wait for its GPU
 
 
 class SlotReleases:
@@ -62,7 +62,7 @@ class SlotReleases:
                 raise GpuWorkTimeout(
                     f"this job's GPU work reading ring slots has not finished after {timeout:.0f} s "
                     f"({len(self._in_flight)} slots in flight on {self._device}); is a kernel hung?")
-            time.sleep(POLL_S)
+            time.sleep(GPU_WAIT_POLL_S)
             self.poll()
 
     def forget(self) -> None:

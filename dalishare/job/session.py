@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..intervals import GPU_EVENT_POLL_MS, PRODUCER_POLL_S
 from ..errors import BatchHeldTooLong, ProducerLost, ProducerNotFound, ProtocolError, SlotReused
 from ..shm import RingLayout, attach_ring
 from ..shm import names
@@ -29,8 +30,6 @@ from .views import slot_tensors
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.2  # how often a waiting job checks that its producer is still alive
-GPU_POLL_MS = 1  # how often a waiting job polls its GPU release events instead
 
 
 @dataclass
@@ -149,7 +148,7 @@ class Session:
         self.channel.send(Hello(os.getpid(), keep=self.window.keep))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.channel.wait(POLL_S * 1000):
+            if not self.channel.wait(PRODUCER_POLL_S * 1000):
                 continue
             for msg in self.channel.receive():
                 if isinstance(msg, Reject):
@@ -252,7 +251,7 @@ class Session:
                 self.receive_all()
 
     def _poll_ms(self) -> float:
-        return GPU_POLL_MS if self.releases.in_flight else POLL_S * 1000
+        return GPU_EVENT_POLL_MS if self.releases.in_flight else PRODUCER_POLL_S * 1000
 
     def _resume_after_suspension(self, msg: Suspended) -> None:
         """The producer suspended this job for stalling: drop the announcements it voided, say so,

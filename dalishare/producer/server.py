@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..shm import create_ring
+from ..intervals import DEVICE_FREE_GRACE_S, IDLE_POLL_MS, REAP_INTERVAL_S
+from ..shm import RingKind, create_ring
 from ..shm import names
 from ..wire.channel import ProducerChannel
 from ..wire.messages import (PROTOCOL_VERSION, Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop,
@@ -48,9 +49,6 @@ from .stage import StageBatch, build_pipeline, find_undecodable, load_stage, par
 
 log = logging.getLogger(__name__)
 
-REAP_INTERVAL_S = 0.25  # how often to look for dead jobs and stalls
-DEVICE_FREE_GRACE_S = 2.0  # how long a stopping producer waits for jobs to release device slots
-IDLE_POLL_MS = 50  # how long the loop waits for a message when it cannot produce
 
 
 class Producer:
@@ -122,7 +120,7 @@ class Producer:
             stop = Stop.stopped(reason)
         for job in self._jobs:
             self._send(job, stop)
-        if self._ring.layout.kind == "device":
+        if self._ring.layout.kind == RingKind.DEVICE:
             self._await_releases(DEVICE_FREE_GRACE_S)
         self._channel.close()
 
@@ -160,7 +158,7 @@ class Producer:
         memory is freed, so there the job must have released every slot."""
         if job.suspended:
             return True
-        if self._ring.layout.kind == "device":
+        if self._ring.layout.kind == RingKind.DEVICE:
             return not self._slots.held_by(job.id)
         return not self._slots.unread(job.id, job.taken)
 

@@ -5,7 +5,7 @@ NOTE [ Slot ownership ]
 =======================
 - Creation. The producer creates the ring's memory once, before it accepts jobs, and is its only
   writer: a host ring is one ``/dev/shm`` segment; a device ring is one plain ``cudaMalloc``
-  allocation on the producer's GPU plus a header-only segment (device_ring.py). A job maps the ring
+  allocation on the producer's GPU plus a header-only segment (device.py). A job maps the ring
   at attach (the layout arrives in the ``Welcome`` message): host memory read-only, so a job that
   wrote would fault instead of corrupting its neighbours' batches; device memory through its CUDA
   IPC handle, opened once (CUDA has no read-only IPC mapping: a job must not write to it).
@@ -40,10 +40,10 @@ NOTE [ Slot ownership ]
   producer stops once each job has begun to read all it holds (host ring: the views a job keeps stay
   valid in its mapping) or, for a device ring, once each job has released every slot.
 - Death. The kernel keeps no link from a dead producer to its segment: a producer that was killed
-  leaves ``/dev/shm/dalishare.NAME.PID`` behind, and `runtime.clean_stale` removes it (at the next
+  leaves ``/dev/shm/dalishare.NAME.PID`` behind, and `names.clean_stale` removes it (at the next
   ``dalishare serve`` or ``dalishare cleanup``). The CUDA driver reclaims a dead producer's device
   memory with its context; its jobs get `ProducerLost` and read the ring no more. A dead job's mappings go with its
-  process; the producer frees the job's slots when it notices the death (see ``producer.Producer._reap``).
+  process; the producer frees the job's slots when it notices the death (``producer.server.Producer._reap``).
 - Closing. A job closes its IPC mapping when the last view of it goes: at ``close()`` unless the
   user still holds a yielded tensor (then with that tensor), never under a live view.
 
@@ -58,9 +58,9 @@ from __future__ import annotations
 
 from .host import HostRing, HostRingView
 from ..errors import ProtocolError
-from .layout import DEFAULT_SLOTS, MAX_SLOTS, RingLayout, slot_size
+from .layout import DEFAULT_SLOTS, MAX_SLOTS, RingKind, RingLayout, slot_size
 
-__all__ = ["DEFAULT_SLOTS", "MAX_SLOTS", "RingLayout", "attach_ring", "create_ring"]
+__all__ = ["DEFAULT_SLOTS", "MAX_SLOTS", "RingKind", "RingLayout", "attach_ring", "create_ring"]
 
 
 def create_ring(name: str, slots: int, batch_bytes: int, gpu: int | None = None):
@@ -73,9 +73,9 @@ def create_ring(name: str, slots: int, batch_bytes: int, gpu: int | None = None)
 
 
 def attach_ring(layout: RingLayout):
-    if layout.kind == "host":
+    if layout.kind == RingKind.HOST:
         return HostRingView(layout)
-    if layout.kind == "device":
+    if layout.kind == RingKind.DEVICE:
         from .device import DeviceRingView
 
         return DeviceRingView(layout)

@@ -1,7 +1,7 @@
 """The ring in GPU memory: one plain ``cudaMalloc`` allocation shared with the jobs through CUDA IPC.
 
 The slots' seq header stays in a small host segment (a header-only `HostRing`), so a job checks
-what a slot holds without touching the GPU. The rules are NOTE [ Slot ownership ] in ring.py.
+what a slot holds without touching the GPU. The rules are NOTE [ Slot ownership ] in shm/__init__.py.
 CuPy is imported here and nowhere else; it is the ``gpu`` extra.
 """
 
@@ -12,7 +12,7 @@ import weakref
 
 from ..errors import ConfigError
 from .host import HostRing, HostRingView
-from .layout import RingLayout, check_fits
+from .layout import RingKind, RingLayout, check_fits
 
 
 def cupy():
@@ -43,7 +43,7 @@ class DeviceRing:
         cp = cupy()
         check_gpu(gpu)
         self._gpu, self._ptr = gpu, 0
-        self._header = HostRing(name, slots, 0, kind="device")
+        self._header = HostRing(name, slots, 0, kind=RingKind.DEVICE.value)
         try:
             with cp.cuda.Device(gpu):
                 # plain cudaMalloc, not CuPy's pool: CUDA IPC cannot export stream-ordered pool memory
@@ -53,7 +53,7 @@ class DeviceRing:
         except BaseException:
             self.close()
             raise
-        self.layout = RingLayout("device", self._header.layout.segment, slots, slot_bytes, gpu=bus_id, handle=handle)
+        self.layout = RingLayout(RingKind.DEVICE.value, self._header.layout.segment, slots, slot_bytes, gpu=bus_id, handle=handle)
 
     def write(self, slot: int, batch, seq: int) -> None:
         """Copy batch ``seq`` (a `stage.StageBatch` on this GPU) into ``slot``. ``copy_to`` returns

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import names
 from ..errors import ProducerLost
-from .layout import HEADER_BYTES, MAX_SLOTS, RingLayout, check_fits, segment_bytes
+from .layout import HEADER_BYTES, MAX_SLOTS, RingKind, RingLayout, check_fits, segment_bytes
 
 
 class HostRing:
@@ -20,7 +20,7 @@ class HostRing:
     where every job can read them without touching the GPU.
     """
 
-    def __init__(self, name: str, slots: int, slot_bytes: int, kind: str = "host"):
+    def __init__(self, name: str, slots: int, slot_bytes: int, kind: str = RingKind.HOST.value):
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"a ring has 1 to {MAX_SLOTS} slots, not {slots}")
         self.layout = RingLayout(kind, names.shm_name(name, os.getpid()), slots, slot_bytes)

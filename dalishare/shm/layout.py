@@ -3,16 +3,24 @@ The rules for the memory are NOTE [ Slot ownership ] in shm/__init__.py."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass
 
 from ..errors import ProtocolError
+
+
+class RingKind(str, enum.Enum):
+    """Where a ring's slots live (fixed for a ring's life)."""
+
+    HOST = "host"      # slots in the /dev/shm segment, after the header
+    DEVICE = "device"  # slots in GPU memory (one cudaMalloc, CUDA IPC); the segment holds only the header
 
 
 @dataclass(frozen=True)
 class RingLayout:
     """What a job needs to map the ring; travels in ``Welcome`` as a plain dict."""
 
-    kind: str          # "host": slots in the segment; "device": slots in GPU memory, header in the segment
+    kind: str          # a RingKind value
     segment: str       # file name under /dev/shm: the header page (and the slots of a host ring)
     slots: int
     slot_bytes: int    # the slots follow each other; the header holds one int64 per slot, the seq it holds
@@ -29,7 +37,7 @@ class RingLayout:
                          slot_bytes=int(d["slot_bytes"]), gpu=str(d.get("gpu", "")), handle=bytes(d.get("handle", b"")))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"the producer sent a malformed ring layout ({exc!r}); upgrade dalishare") from None
-        if layout.kind == "device" and (len(layout.handle) != IPC_HANDLE_BYTES or not layout.gpu):
+        if layout.kind == RingKind.DEVICE and (len(layout.handle) != IPC_HANDLE_BYTES or not layout.gpu):
             raise ProtocolError(f"the producer sent a device ring without a {IPC_HANDLE_BYTES}-byte IPC handle "
                                 f"and a GPU bus id; upgrade dalishare")
         return layout
@@ -49,7 +57,7 @@ def slot_size(batch_bytes: int) -> int:
 
 
 def segment_bytes(layout: RingLayout) -> int:
-    return HEADER_BYTES + (layout.slots * layout.slot_bytes if layout.kind == "host" else 0)
+    return HEADER_BYTES + (layout.slots * layout.slot_bytes if layout.kind == RingKind.HOST else 0)
 
 
 

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "dalishare."
+# Everything a producer may leave behind, from which `clean_stale` works: per name, in the runtime
+# dir, files named NAME + suffix (the lock guards the others); per producer, a segment in SHM_DIR
+# named SHM_PREFIX + NAME.PID (stale once PID is dead).
+RUNTIME_FILES = {"socket": ".sock", "lock": ".lock"}
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -52,7 +56,7 @@ def runtime_dir() -> Path:
 
 
 def socket_path(name: str) -> Path:
-    return runtime_dir() / f"{check_name(name)}.sock"
+    return runtime_dir() / f"{check_name(name)}{RUNTIME_FILES['socket']}"
 
 
 def endpoint(name: str) -> str:
@@ -60,7 +64,7 @@ def endpoint(name: str) -> str:
 
 
 def lock_path(name: str) -> Path:
-    return runtime_dir() / f"{check_name(name)}.lock"
+    return runtime_dir() / f"{check_name(name)}{RUNTIME_FILES['lock']}"
 
 
 def shm_name(name: str, pid: int) -> str:
@@ -157,13 +161,13 @@ def clean_stale(name: str | None = None) -> list[str]:
         except FileNotFoundError:
             pass
     rdir = runtime_dir()
-    names = [name] if name else sorted({p.stem for p in rdir.iterdir() if p.suffix in (".lock", ".sock")})
+    names = [name] if name else sorted({p.stem for p in rdir.iterdir() if p.suffix in RUNTIME_FILES.values()})
     for n in names:
         fd = _lock(lock_path(n), create=False)
         if fd is None and lock_path(n).exists():
             continue  # a live producer holds it
         try:  # nobody serves n: remove its socket and lock, the lock while we hold it
-            for path in (socket_path(n), lock_path(n)):
+            for path in (rdir / f"{n}{suffix}" for suffix in RUNTIME_FILES.values()):
                 if path.exists():
                     path.unlink(missing_ok=True)
                     removed.append(str(path))

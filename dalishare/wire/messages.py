@@ -132,7 +132,8 @@ class Stop:
         return cls(reason, StopKind.STOPPED.value)
 
     @classmethod
-    def failed(cls, reason: str) -> "Stop":
+    def failed(cls, error: "BaseException | str") -> "Stop":
+        reason = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else error
         return cls(reason, StopKind.FAILED.value)
 
 

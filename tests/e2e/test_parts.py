@@ -14,9 +14,8 @@ import pytest
 
 from helpers import RESNET, ROOT, make_dataset
 from dalishare.shm import names as runtime
-from dalishare.wire import messages as protocol
 from dalishare.producer.dataset import epoch_order, scan
-from dalishare.errors import AlreadyServing, DatasetError, ProtocolError, StageError
+from dalishare.errors import AlreadyServing, DatasetError, StageError
 from dalishare.producer.stage import load_stage
 
 
@@ -81,17 +80,6 @@ def test_serve_setup_errors_exit_2_with_one_line(tmp_path, case, dataset):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "dalishare: error:" in line]
     assert len(lines) == 1, proc.stderr
-
-
-def test_messages_round_trip_and_malformed_ones_raise_protocol_error():
-    msg = protocol.Batch(seq=3, slot=1, epoch=0, start=8, count=8, last=False, epoch_size=30, excluded=0, labels=b"\0" * 64,
-                         indices=b"\1" * 64, sent_ns=5)
-    assert protocol.decode(protocol.encode(msg)) == msg
-    for data in (b"\xff\x00garbage", protocol.encode(protocol.Stop("x"))[:-2],
-                 b"\x81\xa1t\xa6pickle", __import__("msgpack").packb({"t": "release", "job_id": "1", "seq": 2}),
-                 __import__("msgpack").packb({"t": "hello", "pid": 1}), b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1)):
-        with pytest.raises(ProtocolError):
-            protocol.decode(data)
 
 
 def test_second_producer_of_a_name_is_refused_and_cleanup_removes_dead_owners_files():

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from dalishare import BatchHeldTooLong
-from dalishare.wire import messages as protocol
 from dalishare.job.keep import KeepWindow
 from dalishare.shm import RingLayout, attach_ring
 from dalishare.shm.host import HostRing
@@ -119,16 +118,3 @@ def test_a_leased_view_lives_as_long_as_anything_derived_from_it():
     finally:
         view.close()
         ring.close()
-
-
-def test_hello_carries_keep_and_another_versions_hello_is_still_understood_well_enough_to_refuse():
-    hello = protocol.decode(protocol.encode(protocol.Hello(pid=5, keep=3)))
-    assert hello.keep == 3 and hello.version == protocol.PROTOCOL_VERSION
-    import msgpack
-
-    old = protocol.decode(msgpack.packb({"t": "hello", "pid": 5, "version": 1}))  # protocol 1 had no keep
-    assert old.version == 1 and old.pid == 5
-    with pytest.raises(protocol.ProtocolError):
-        protocol.decode(msgpack.packb({"t": "hello", "pid": 5, "version": protocol.PROTOCOL_VERSION}))
-    beat = protocol.decode(protocol.encode(protocol.Heartbeat(job_id=1, taken=9)))
-    assert beat.taken == 9

@@ -1,0 +1,37 @@
+"""Every fixed interval and timeout of dalishare, in one place. Imports nothing; any room may use it.
+
+The user-facing ones (``--heartbeat-timeout``, ``--stall-timeout``, ``attach_timeout``,
+``batch_timeout``, ``heartbeat_interval``, ``reconnect_timeout``) are options, with their defaults in
+`producer.options.ServeOptions` and `DaliShareIterator`'s signature.
+"""
+
+# -- producer -------------------------------------------------------------------------------------
+
+REAP_INTERVAL_S = 0.25
+"""How often the serve loop looks for dead jobs, silent jobs and stalls."""
+
+IDLE_POLL_MS = 50
+"""How long the serve loop waits for a control message when it cannot produce."""
+
+DEVICE_FREE_GRACE_S = 2.0
+"""How long a stopping producer waits for its jobs to release the slots of a device ring before it
+frees the memory (NOTE [ Producer shutdown ])."""
+
+SHUTDOWN_LIMIT_S = 20
+"""After SIGINT/SIGTERM, the longest a producer's teardown may take before it prints where it hangs
+and exits."""
+
+# -- job ------------------------------------------------------------------------------------------
+
+PRODUCER_POLL_S = 0.2
+"""How often a job that waits (to attach, for a batch, for a producer to go) checks that its
+producer is still alive."""
+
+GPU_EVENT_POLL_MS = 1
+"""How often a waiting job polls the CUDA events of the slots its GPU still reads."""
+
+GPU_WAIT_POLL_S = 50e-6
+"""Between event queries while a job must wait for its GPU before reading a new slot."""
+
+HEARTBEAT_JOIN_S = 5
+"""How long closing a job waits for its heartbeat thread to end."""
