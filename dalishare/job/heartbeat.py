@@ -31,4 +31,7 @@ class HeartbeatThread(threading.Thread):
 
     def stop(self) -> None:
         self._stopped.set()
+        if self.ident is None:  # never started: its channel is still ours to close
+            self._channel.close(linger_ms=0)
+            return
         self.join(timeout=HEARTBEAT_JOIN_S)

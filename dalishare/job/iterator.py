@@ -85,9 +85,13 @@ class DaliShareIterator:
     def _open(self, timeout: float) -> Session:
         session = Session(self.name, self._endpoint, keep=self.keep, batch_size=self._requested_batch_size,
                           timeout=timeout, heartbeat_interval=self._heartbeat_interval, counters=self._counters)
-        self._target = self.device or session.ring_device
-        if self._target.type == "cuda" and self._target.index is None:
-            self._target = torch.device("cuda", torch.cuda.current_device())
+        try:
+            self._target = self.device or session.ring_device
+            if self._target.type == "cuda" and self._target.index is None:
+                self._target = torch.device("cuda", torch.cuda.current_device())
+        except BaseException:
+            session.close(timeout=0)
+            raise
         return session
 
     def _reconnect(self) -> None:
@@ -99,8 +103,8 @@ class DaliShareIterator:
         deadline = time.monotonic() + self.reconnect_timeout
         while old.producer_alive() and time.monotonic() < deadline:
             time.sleep(PRODUCER_POLL_S)  # until it is gone, its socket could swallow our hello
-        old.close(timeout=self.batch_timeout)
-        self._session, self.epoch = None, None
+        old.close(timeout=self.batch_timeout)  # kept as self._session until a new one opens
+        self.epoch = None
         try:
             self._session = self._open(self.reconnect_timeout)
         except ProducerNotFound as exc:
@@ -109,14 +113,15 @@ class DaliShareIterator:
 
     # -- public API -----------------------------------------------------------------------------
 
-    job_id = property(lambda self: self._session.job_id if self._session else None)
+    # from the current session, or the last one once closed (job_id is None then)
+    job_id = property(lambda self: self._session.job_id if self._session.channel is not None else None)
     producer_pid = property(lambda self: self._session.producer_pid)
     classes = property(lambda self: self._session.classes)
     samples_per_epoch = property(lambda self: self._session.samples_per_epoch)
     producer_batch_size = property(lambda self: self._session.producer_batch_size)
     batch_size = property(lambda self: self._session.rebatcher.batch_size)
     ring_device = property(lambda self: self._session.ring_device)
-    stop_reason = property(lambda self: self._session.stop_reason if self._session else None,
+    stop_reason = property(lambda self: self._session.stop_reason,
                            doc="why the producer stopped, once it has")
     excluded_samples = property(lambda self: self._counters.excluded,
                                 doc="files the producer excluded because DALI cannot decode them")
@@ -148,9 +153,8 @@ class DaliShareIterator:
 
     def close(self) -> None:
         """Detach from the producer, stop the heartbeat, unmap the ring. Safe to call twice."""
-        if self._session is not None:
+        if self._session is not None:  # kept: its figures (batch_size, len(), ...) stay readable
             self._session.close(timeout=self.batch_timeout)
-            self._session = None
 
     def __enter__(self) -> "DaliShareIterator":
         return self

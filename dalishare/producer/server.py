@@ -118,11 +118,13 @@ class Producer:
             stop = Stop.finished(reason)
         else:
             stop = Stop.stopped(reason)
-        for job in self._jobs:
-            self._send(job, stop)
-        if self._ring.layout.kind == RingKind.DEVICE:
-            self._await_releases(DEVICE_FREE_GRACE_S)
-        self._channel.close()
+        try:
+            for job in self._jobs:
+                self._send(job, stop)
+            if self._ring.layout.kind == RingKind.DEVICE:
+                self._await_releases(DEVICE_FREE_GRACE_S)
+        finally:
+            self._channel.close()
 
     def _await_releases(self, timeout: float) -> None:
         """Before freeing a device ring, give jobs a moment to finish the GPU reads of the slots

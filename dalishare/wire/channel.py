@@ -9,10 +9,14 @@ sequence is NOTE [ Control protocol ] in messages.py.
 
 from __future__ import annotations
 
+import logging
+
 import zmq
 
 from ..errors import ProtocolError
 from .messages import MAX_MESSAGE_BYTES, decode, encode
+
+log = logging.getLogger(__name__)
 
 SEND_HWM = 100_000  # producer: messages queued per job before a job that stopped reading counts as unreachable
 
@@ -65,6 +69,7 @@ class ProducerChannel:
     def drop(self, why: str) -> None:
         self.dropped += 1
         self.last_drop = why
+        log.debug("dropped a control message: %s", why)
 
     def close(self, linger_ms: int = 500) -> None:
         """Close the socket (queued messages get ``linger_ms`` to go out), then the context."""

@@ -180,6 +180,7 @@ def test_views_dropped_in_time_and_copies_are_never_held(dataset):
             kept = [batch["images"] for batch in loader]  # copies, kept for good
             assert not any(in_ring(loader, images) for images in kept)
     assert len(owned) == len(kept) == 8
+    assert loader.job_id is None and loader.batch_size == 4 and len(loader) == 8  # figures outlive close()
     assert [digest(t) for t in owned] != [digest(t) for t in kept]  # epochs 0 and 1: other orders
 
 

@@ -115,3 +115,16 @@ def test_without_a_gpu_a_job_cannot_open_a_device_ring_and_says_why():
     layout = RingLayout("device", "dalishare.none.1", 2, 512, gpu="0000:19:00.0", handle=bytes(64))
     with pytest.raises(ConfigError, match="run the job where that GPU is visible"):
         attach_ring(layout)
+
+
+def test_a_heartbeat_thread_stopped_before_it_started_closes_its_channel(tmp_path):
+    from dalishare.job.heartbeat import HeartbeatThread
+    from dalishare.wire.channel import JobChannel
+
+    main = JobChannel(f"ipc://{tmp_path}/nobody.sock")
+    beat = HeartbeatThread(main.sibling(f"ipc://{tmp_path}/nobody.sock"), job_id=1, interval=1.0, taken=lambda: -1)
+    beat.stop()  # never started: must not raise, and must leave the context free to terminate
+    done = threading.Event()
+    closer = threading.Thread(target=lambda: (main.close(), done.set()), daemon=True)
+    closer.start()
+    assert done.wait(5), "the ZeroMQ context hangs on a socket the heartbeat never closed"
