@@ -74,7 +74,8 @@ class KeepWindow:
         for seq, read in self._reads.items():
             if not read.consumed:
                 continue
-            live = read.live_views() if self.keep else []
+            # keep=0: unchecked, but never before the step that yielded the view is over
+            live = read.live_views() if self.keep else [step for step, _ in read.views if step >= self.step]
             if not live:
                 free.append(seq)
             elif max(live) + self.keep < self.step:

@@ -118,3 +118,12 @@ def test_a_leased_view_lives_as_long_as_anything_derived_from_it():
     finally:
         view.close()
         ring.close()
+
+
+def test_keep_0_never_gives_back_a_batch_in_the_step_that_yields_it():
+    window, lease = KeepWindow(keep=0), Lease()
+    window.viewed(0, lease)  # the iterator's order: view, consumed, give back, then stepped
+    window.consumed(0)
+    assert window.releasable() == []
+    window.stepped()
+    assert window.releasable() == [0]
