@@ -21,7 +21,8 @@ def _serve(args: argparse.Namespace) -> None:
     producer = Producer(args.pipeline, args.data, ServeOptions(
         name=args.name, batch_size=args.batch_size, device=args.device, slots=args.slots, seed=args.seed,
         epochs=args.epochs, min_consumers=args.min_consumers, num_threads=args.threads,
-        heartbeat_timeout=args.heartbeat_timeout, stall_timeout=args.stall_timeout))
+        heartbeat_timeout=args.heartbeat_timeout, stall_timeout=args.stall_timeout,
+        stage_timeout=args.stage_timeout))
 
     def on_signal(signum, _frame):
         producer.stop(f"stopped by {signal.Signals(signum).name}")
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds of silence before a job's socket is checked (default: %(default)s)")
     serve.add_argument("--stall-timeout", type=float, default=DEFAULTS.stall_timeout,
                        help="seconds a job may hold the others back before it is suspended (default: %(default)s)")
+    serve.add_argument("--stage-timeout", type=float, default=DEFAULTS.stage_timeout,
+                       help="seconds the stage worker may work on a batch before it is killed and replaced, "
+                            "and a probe on one file before the file is excluded (default: %(default)s)")
     serve.set_defaults(func=_serve)
 
     cleanup = sub.add_parser("cleanup", help="remove segments and sockets left by dead producers")

@@ -17,6 +17,11 @@ class StageError(ConfigError):
     """A pipeline file does not import or defines no stage."""
 
 
+class StageFailed(DalishareError):
+    """The shared stage's worker kept failing and no file explained it (a broken stage, a lost GPU,
+    too little memory): the producer gave up after a bounded number of restarts."""
+
+
 class ProtocolError(DalishareError):
     """A control message is malformed, unknown or from another protocol version."""
 

@@ -21,6 +21,30 @@ SHUTDOWN_LIMIT_S = 20
 """After SIGINT/SIGTERM, the longest a producer's teardown may take before it prints where it hangs
 and exits."""
 
+STARTING_REPEAT_S = 2.0
+"""How often a starting producer tells the jobs that wait for it that it is still starting (each
+``Starting`` re-arms a job's attach timeout)."""
+
+STAGE_TIMEOUT_S = 60.0
+"""Default of ``--stage-timeout``: a stage worker with work outstanding that sends nothing for this
+long is killed and replaced; a probe that spends this long on one file blames it. Long enough for a
+first batch (DALI's import, a GPU warming up) and a batch of big images on a slow machine."""
+
+WORKER_QUIT_S = 2.0
+"""How long a stopping producer waits for its stage worker to leave after ``Quit`` before SIGKILL."""
+
+RESTART_BACKOFF_S = 0.5
+"""The first pause before restarting a stage worker whose failure no file explained; it doubles
+with each further such failure in a row (producer/restarts.py)."""
+
+# -- stage processes ------------------------------------------------------------------------------
+
+STAGE_IDLE_POLL_S = 1.0
+"""How long a stage worker with nothing scheduled waits for a message before it checks again."""
+
+STAGE_SETUP_WAIT_S = 60.0
+"""How long a stage process waits for its first message (``Setup`` or ``Probe``) before it exits."""
+
 # -- job ------------------------------------------------------------------------------------------
 
 PRODUCER_POLL_S = 0.2

@@ -20,8 +20,8 @@ from ..errors import BatchHeldTooLong, ProducerLost, ProducerNotFound, ProtocolE
 from ..shm import RingLayout, attach_ring
 from ..shm import names
 from ..wire.channel import JobChannel
-from ..wire.messages import (Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop, StopKind, Suspended,
-                             Welcome)
+from ..wire.messages import (Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Starting, Stop, StopKind,
+                             Suspended, Welcome)
 from .heartbeat import HeartbeatThread
 from .keep import KeepWindow
 from .rebatch import Rebatcher
@@ -145,9 +145,15 @@ class Session:
     # -- control channel: NOTE [ Control protocol ] in wire/messages.py -------------------------
 
     def _attach(self, timeout: float) -> Welcome:
+        """Hello, then wait for the Welcome; a starting producer's ``Starting`` re-arms the timeout
+        (NOTE [ Control protocol ])."""
         self.channel.send(Hello(os.getpid(), keep=self.window.keep))
         deadline = time.monotonic() + timeout
+        starting: tuple[int, int | None] | None = None  # (pid, start time) of a producer that said it starts
         while time.monotonic() < deadline:
+            if starting and not names.pid_alive(*starting):
+                raise ProducerLost(f"producer {self.name!r} (pid {starting[0]}) died while it was starting; "
+                                   f"see its log")
             if not self.channel.wait(PRODUCER_POLL_S * 1000):
                 continue
             for msg in self.channel.receive():
@@ -155,6 +161,14 @@ class Session:
                     raise ProtocolError(f"producer {self.name!r} refused this job: {msg.reason}")
                 if isinstance(msg, Welcome):
                     return msg
+                if isinstance(msg, Starting):
+                    if starting is None:
+                        log.info("producer %r (pid %d) is starting (%s); waiting for it", self.name,
+                                 msg.producer_pid, msg.reason)
+                        starting = (msg.producer_pid, names.process_start(msg.producer_pid))
+                    deadline = time.monotonic() + timeout
+                elif isinstance(msg, Stop):
+                    raise ProducerLost(f"producer {self.name!r} stopped before it served a batch: {msg.reason}")
         raise ProducerNotFound(
             f"no producer named {self.name!r} answered at {self.endpoint} within {timeout:.0f} s: "
             f"start one with `dalishare serve PIPELINE --data DIR --name {self.name}`")

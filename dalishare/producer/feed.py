@@ -1,22 +1,19 @@
 """The serving order: which samples go into each producer batch, epoch after epoch, minus bad files.
 
-`EpochFeed` is the DALI external source of the shared stage. It hands DALI the encoded images of one
-batch per call and records what it handed out as a `Plan`; DALI returns outputs in the same order,
-so the producer pops the plan matching each output. When a batch fails to decode, the producer
-excludes the files that DALI cannot decode and rewinds the feed to that batch: the samples already
-served keep their positions, the rest of the epoch closes up.
+`EpochFeed` cuts the epochs into `Plan`s, one per batch; the producer sends each to its stage worker
+as a task. When the worker is lost with tasks in flight, the producer excludes the files the probes
+blamed and rewinds the feed to the oldest lost plan: the samples already served keep their
+positions, the rest of the epoch closes up.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from .dataset import Dataset, epoch_order
 from ..errors import DatasetError
-from .stage import read_encoded
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,6 @@ class Plan:
 class EpochFeed:
     def __init__(self, dataset: Dataset, batch_size: int, seed: int):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.plans: deque[Plan] = deque()
         self.excluded: dict[int, str] = {}  # sample index -> why DALI cannot decode it
         self._start_epoch(0)
 
@@ -52,21 +48,24 @@ class EpochFeed:
             return order
         return order[~np.isin(order, np.fromiter(self.excluded, dtype=np.int64))]
 
-    def __call__(self) -> list[np.ndarray]:
+    def next_epoch(self) -> int:
+        """The epoch of the next plan."""
+        return self._epoch + (self._pos == len(self._order))
+
+    def next_plan(self) -> Plan:
         if self._pos == len(self._order):
             self._start_epoch(self._epoch + 1)
         indices = self._order[self._pos : self._pos + self.batch_size]
         last = self._pos + len(indices) == len(self._order)
-        self.plans.append(Plan(self._epoch, self._pos, indices, self.dataset.labels[indices], last, self._order))
+        plan = Plan(self._epoch, self._pos, indices, self.dataset.labels[indices], last, self._order)
         self._pos += len(indices)
-        return read_encoded(self.dataset.files[i] for i in indices)
+        return plan
 
     def exclude(self, index: int, reason: str) -> None:
         self.excluded[index] = reason
 
     def rewind(self, plan: Plan) -> None:
         """Feed again from the start of ``plan`` (which failed), without the excluded samples."""
-        self.plans.clear()
         served, rest = plan.order[: plan.start], plan.order[plan.start :]
         self._epoch, self._pos = plan.epoch, plan.start
         self._order = np.concatenate([served, self._without_excluded(rest)])

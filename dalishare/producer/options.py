@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..intervals import STAGE_TIMEOUT_S
 from ..shm import DEFAULT_SLOTS, MAX_SLOTS
 from ..shm import names
 from .stage import parse_device
@@ -25,6 +26,7 @@ class ServeOptions:
     num_threads: int | None = None
     heartbeat_timeout: float = 10.0
     stall_timeout: float = 30.0
+    stage_timeout: float = STAGE_TIMEOUT_S  # a stage worker silent this long with work outstanding is replaced
 
     def check(self) -> None:
         names.check_name(self.name)
@@ -33,6 +35,8 @@ class ServeOptions:
                 raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
         if self.slots > MAX_SLOTS:
             raise ConfigError(f"--slots must be at most {MAX_SLOTS}")
+        if self.stage_timeout <= 0:
+            raise ConfigError("--stage-timeout must be positive")
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError("--epochs must be at least 1")
         parse_device(self.device)  # a GPU that is not there fails here, in one line

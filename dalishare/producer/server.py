@@ -1,10 +1,13 @@
-"""The serve loop: run the shared stage, fill ring slots, announce them, track jobs, reclaim slots.
+"""The serve loop: start the stage worker, give it free ring slots, announce what it fills, track
+jobs, reclaim slots.
 
-The loop is single-threaded: DALI decodes ahead in its own threads (prefetch), while this thread
-alternates between control messages and copying finished batches into free slots. It only wires
-together the parts that decide: the slot table (slots.py; the rules are NOTE [ Slot ownership ] in
-shm/__init__.py), the job registry (jobs.py) and the channel (wire/channel.py; the message sequence
-is NOTE [ Control protocol ] in wire/messages.py).
+The loop is single-threaded and never runs DALI: the stage runs in a worker process (supervisor.py;
+NOTE [ Stage worker protocol ] in wire/stage.py), so a decoder crash ends only the worker. Each pass
+handles control messages (waking for the worker's messages too), advances start-up and the worker,
+checks liveness, and hands out free slots. It only wires together the parts that decide: the slot
+table (slots.py; the rules are NOTE [ Slot ownership ] in shm/__init__.py), the job registry
+(jobs.py), the supervisor and the channel (wire/channel.py; the message sequence is NOTE [ Control
+protocol ] in wire/messages.py).
 
 NOTE [ Producer shutdown ]
 ==========================
@@ -12,43 +15,62 @@ Resources are taken in this order, each registered on one ExitStack as it is tak
 or signal releases exactly what exists, in the reverse order:
 
 1. the name lock (one producer per name; released last, after everything it guards is gone);
-2. the stage: the DALI pipeline, dropped before the lock so its threads end first;
-3. the ring (host segment or device memory); freed after the channel: jobs are told first;
-4. the control channel at NAME.sock; on the way out it first sends every job ``Stop`` (finished,
-   stopped or failed, with the reason), then, for a device ring, waits up to DEVICE_FREE_GRACE_S
-   for the jobs to release their slots (freeing memory another process reads is undefined in CUDA),
-   then closes, lingering briefly so the ``Stop`` messages go out; the socket file is removed.
+2. the control channel at NAME.sock, opened first so jobs are answered during start-up; closing it
+   first tells every job ``Stop`` (if that was not done yet), lingers briefly so it goes out, and
+   removes the socket file;
+3. the stage supervisor: its worker and probe processes are ended (``Quit``, then SIGKILL);
+4. the ring (host segment or device memory), sized by the first batch;
+5. after the ring: the stage worker is ended before the ring is freed (it may be writing a slot),
+   and before that every job is told ``Stop`` (finished, stopped or failed, with the reason) and,
+   for a device ring, given up to DEVICE_FREE_GRACE_S to release its slots (freeing memory
+   another process reads is undefined in CUDA).
 
-A killed producer runs none of this: the kernel drops the lock, the next ``serve`` of the name or
-``dalishare cleanup`` removes the segment and socket (shm/names.py), and its jobs see it gone by its
-pid (`ProducerLost`). SIGINT/SIGTERM only set the stop reason; the loop then ends normally.
+A killed producer runs none of this: its stage processes get SIGKILL from the kernel
+(PR_SET_PDEATHSIG), the kernel drops the lock, the next ``serve`` of the name or ``dalishare
+cleanup`` removes the segment and socket (shm/names.py), and its jobs see it gone by its pid
+(`ProducerLost`). SIGINT/SIGTERM only set the stop reason; the loop then ends normally.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import ConfigError
-from ..intervals import DEVICE_FREE_GRACE_S, IDLE_POLL_MS, REAP_INTERVAL_S
+from ..intervals import DEVICE_FREE_GRACE_S, IDLE_POLL_MS, REAP_INTERVAL_S, STARTING_REPEAT_S
 from ..shm import RingKind, create_ring
 from ..shm import names
 from ..wire.channel import ProducerChannel
-from ..wire.messages import (PROTOCOL_VERSION, Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Stop,
-                             Suspended, Welcome)
-from .dataset import scan
-from .feed import EpochFeed, Plan
+from ..wire.messages import (PROTOCOL_VERSION, Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Starting,
+                             Stop, Suspended, Welcome)
+from .dataset import Dataset, scan
+from .feed import EpochFeed
 from .jobs import Job, JobRegistry
 from .options import ServeOptions
 from .slots import SlotTable
-from .stage import StageBatch, build_pipeline, find_undecodable, load_stage, parse_device
+from .stage import parse_device
+from .supervisor import Done, Lost, StageSupervisor, WorkerPhase
 
 log = logging.getLogger(__name__)
 
+
+class Phase(enum.Enum):
+    """Where the producer is. SCANNING (the dataset is listed in a thread) -> MEASURING (the worker
+    decodes the first batch, whose shape sizes the ring) -> SERVING (the ring exists: jobs are
+    welcomed, slots filled). Jobs that say hello before SERVING get ``Starting`` and are welcomed on
+    entering it. The loop may end in any phase."""
+
+    SCANNING = "scanning"
+    MEASURING = "measuring"
+    SERVING = "serving"
 
 
 class Producer:
@@ -61,14 +83,23 @@ class Producer:
         self.stop_reason: str | None = None  # set once, by stop(): the loop ends when it is
         self.failure: str | None = None  # set when serve() ends with an exception
         self.batches_served = 0
+        self.phase = Phase.SCANNING
         self._jobs = JobRegistry()
-        self._pipe = None  # the DALI pipeline; None before serve() and after it
+        self._waiting: dict[bytes, Hello] = {}  # hellos that came before SERVING, by identity
         self._channel: ProducerChannel | None = None
+        self._ring = None
+        self._supervisor: StageSupervisor | None = None
+        self._told_jobs = False  # the farewell Stop went out
+        self._next_starting = 0.0  # when to repeat Starting to the jobs that wait
 
     @property
     def bad_messages(self) -> int:
         """Control messages dropped: malformed, of another version, or for no attached job."""
         return self._channel.dropped if self._channel is not None else 0
+
+    @property
+    def worker_restarts(self) -> int:
+        return self._supervisor.restarts if self._supervisor else 0
 
     def stop(self, reason: str = "stopped") -> None:
         """Ask the serve loop to end; safe to call from a signal handler."""
@@ -78,39 +109,37 @@ class Producer:
         """Serve until stopped or done. Teardown: NOTE [ Producer shutdown ]."""
         opts = self.options
         with contextlib.ExitStack() as resources:
+            self._resources = resources
             lock = names.ServeLock(opts.name)
             resources.callback(lock.release)
             try:
                 names.clean_stale(opts.name)
                 names.socket_path(opts.name).unlink(missing_ok=True)
-                self._dataset = dataset = scan(self.data)
-                self._stage = load_stage(self.pipeline_file)
-                self._feed = EpochFeed(dataset, opts.batch_size, opts.seed)
-                resources.callback(setattr, self, "_pipe", None)
-                self._build_pipeline()
-                self._ready = self._next_output()  # the first batch: its shape sizes the ring
-                first = self._ready[0]
-                self._sample_shape, self._dtype = list(first.sample_shape), first.dtype
-                self._ring = create_ring(opts.name, opts.slots, opts.batch_size * first.nbytes // first.count,
-                                         gpu=parse_device(opts.device))
-                resources.callback(self._ring.close)
                 self._slots = SlotTable(opts.slots)
-                self._seq = 0          # seq of the next batch written; seqs only grow
+                self._seq = 0          # seq of the next task; seqs only grow (a re-made batch gets a new one)
                 self._started = False  # a first batch was announced (min_consumers no longer applies)
-                self._done = False     # the last batch of the last epoch is written (or undecodable)
                 self._channel = ProducerChannel(names.endpoint(opts.name))
                 resources.callback(names.socket_path(opts.name).unlink, missing_ok=True)
                 resources.callback(self._close_channel)
-                log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots in %s memory, at %s",
-                         opts.name, len(dataset), len(dataset.classes), opts.batch_size, self._sample_shape,
-                         self._dtype, opts.slots, opts.device, names.endpoint(opts.name))
+                self._scan = _Scan(self.data)
+                log.info("%r: scanning %s; jobs may attach at %s", opts.name, self.data, names.endpoint(opts.name))
                 self._loop()
             except BaseException as exc:
                 self.failure = f"{type(exc).__name__}: {exc}"
                 raise
 
     def _close_channel(self) -> None:
-        """Tell every job why we stop, let a device ring's readers finish, close the socket."""
+        try:
+            self._tell_jobs()
+        finally:
+            self._channel.close()
+
+    def _tell_jobs(self) -> None:
+        """Tell every job (and every job still waiting for the start) why we stop; give a device
+        ring's readers a moment to finish. Once."""
+        if self._told_jobs:
+            return
+        self._told_jobs = True
         reason = self.failure or self.stop_reason or "producer stopped"
         if self.failure:
             stop = Stop.failed(reason)
@@ -118,13 +147,12 @@ class Producer:
             stop = Stop.finished(reason)
         else:
             stop = Stop.stopped(reason)
-        try:
-            for job in self._jobs:
-                self._send(job, stop)
-            if self._ring.layout.kind == RingKind.DEVICE:
-                self._await_releases(DEVICE_FREE_GRACE_S)
-        finally:
-            self._channel.close()
+        for identity in self._waiting:
+            self._channel.send(identity, stop)
+        for job in self._jobs:
+            self._send(job, stop)
+        if self._ring is not None and self._ring.layout.kind == RingKind.DEVICE:
+            self._await_releases(DEVICE_FREE_GRACE_S)
 
     def _await_releases(self, timeout: float) -> None:
         """Before freeing a device ring, give jobs a moment to finish the GPU reads of the slots
@@ -142,16 +170,29 @@ class Producer:
     def _loop(self) -> None:
         next_reap = time.monotonic()
         while self.stop_reason is None:
-            self._handle_messages(timeout_ms=0 if self._can_produce() else IDLE_POLL_MS)
-            if time.monotonic() >= next_reap:
+            self._handle_messages(timeout_ms=0 if self._can_submit() else IDLE_POLL_MS)
+            now = time.monotonic()
+            if self.phase is Phase.SCANNING and self._scan.done():
+                self._start_stage(self._scan.result())
+            if self._supervisor is not None:
+                for event in self._supervisor.poll(now):
+                    self._on_filled(event) if isinstance(event, Done) else self._on_lost(event)
+            if now >= next_reap:
                 self._reap()
-                next_reap = time.monotonic() + REAP_INTERVAL_S
-            if self._can_produce():
-                self._produce()
-            elif self._done and all(self._finished_with(job) for job in self._jobs):
+                next_reap = now + REAP_INTERVAL_S
+            while self._can_submit():
+                self._submit()
+            if self._done() and all(self._finished_with(job) for job in self._jobs):
                 self.stop(f"finished {self.options.epochs} epochs")
-        log.info("stopping %r: %s (%d batches served, %d control messages dropped)",
-                 self.options.name, self.stop_reason, self.batches_served, self.bad_messages)
+        log.info("stopping %r: %s (%d batches served, %d stage worker restarts, %d control messages dropped)",
+                 self.options.name, self.stop_reason, self.batches_served, self.worker_restarts, self.bad_messages)
+
+    def _done(self) -> bool:
+        """The last batch of the last epoch is announced (or the rest of it was undecodable)."""
+        return (self.phase is Phase.SERVING and self._final_epoch_fed() and not self._supervisor.in_flight())
+
+    def _final_epoch_fed(self) -> bool:
+        return self.options.epochs is not None and self._feed.next_epoch() >= self.options.epochs
 
     def _finished_with(self, job: Job) -> bool:
         """After the last epoch: whether the producer may stop without pulling anything from under
@@ -164,69 +205,101 @@ class Producer:
             return not self._slots.held_by(job.id)
         return not self._slots.unread(job.id, job.taken)
 
-    def _can_produce(self) -> bool:
-        if self._done or not self._jobs.active():  # nobody to produce for
+    # -- the stage: NOTE [ Stage worker protocol ] in wire/stage.py -------------------------------
+
+    def _start_stage(self, dataset: Dataset) -> None:
+        opts = self.options
+        self._dataset = dataset
+        self._feed = EpochFeed(dataset, opts.batch_size, opts.seed)
+        self._supervisor = StageSupervisor(self.pipeline_file, opts, dataset.files)
+        self._resources.callback(self._supervisor.stop, "the producer stops")
+        self.phase = Phase.MEASURING
+
+    def _can_submit(self) -> bool:
+        """Whether to hand the worker a task now."""
+        if self._supervisor is None or self._supervisor.room() <= 0:
+            return False
+        if self.phase is Phase.MEASURING:
+            return not self._supervisor.in_flight()  # one task, whose batch sizes the ring
+        if self._final_epoch_fed() or not self._jobs.active():  # nothing more, or nobody to produce for
             return False
         if not self._started and len(self._jobs) < self.options.min_consumers:
             return False
         return self._slots.free_slot() is not None
 
-    # -- the stage ------------------------------------------------------------------------------
+    def _submit(self) -> None:
+        plan = self._feed.next_plan()
+        k = -1  # measuring: the worker writes nothing
+        if self.phase is Phase.SERVING:
+            k = self._slots.free_slot()
+            self._slots.reserve(k, self._seq)
+            self._ring.mark(k, -1)
+        self._supervisor.submit(self._seq, k, plan.indices.tolist(), plan)
+        self._seq += 1
 
-    def _build_pipeline(self) -> None:
-        opts = self.options
-        self._pipe = None  # release the old pipeline's threads and buffers first
-        self._pipe = build_pipeline(self._stage, self._feed, batch_size=opts.batch_size, device=opts.device,
-                                    num_threads=opts.num_threads, seed=opts.seed)
-
-    def _next_output(self) -> tuple[StageBatch, Plan]:
-        """The next batch of the stage, with the files DALI cannot decode taken out of the feed."""
-        while True:
-            try:
-                (out,) = self._pipe.run()
-                return StageBatch.of(out), self._feed.plans.popleft()
-            except Exception as exc:  # DALI raises RuntimeError for bad images, the feed OSError
-                self._exclude_undecodable(exc)
-
-    def _exclude_undecodable(self, exc: Exception) -> None:
-        """After a failed batch: find the files among those in flight that fail alone, exclude and
-        report each once, rebuild the pipeline and feed again from the failed batch. A failure that
-        no single file explains is re-raised."""
-        in_flight = list(self._feed.plans)
-        indices = [int(i) for plan in in_flight for i in plan.indices]
-        bad = find_undecodable(self._stage, [self._dataset.files[i] for i in indices], device=self.options.device)
-        if not bad:
-            raise exc
-        for position, reason in bad.items():
-            self._feed.exclude(indices[position], reason)
-            log.warning("excluded %s (sample %d): %s", self._dataset.files[indices[position]], indices[position], reason)
-        log.warning("%d of %d files excluded so far because they cannot be decoded",
-                    len(self._feed.excluded), len(self._dataset))
-        self._build_pipeline()
-        self._feed.rewind(in_flight[0])
-
-    def _produce(self) -> None:
-        images, plan = self._ready if self._ready is not None else self._next_output()
-        self._ready = None
-        if self.options.epochs is not None and plan.epoch >= self.options.epochs:
-            self._done = True  # the last epoch's tail was undecodable, so no batch was marked last
+    def _on_filled(self, event: Done) -> None:
+        task, plan = event.done.task, event.done.plan
+        if self.phase is Phase.MEASURING:
+            self._open_ring(event)
+            self._feed.rewind(plan)  # serve the measured batch again, into a slot
             return
-        if list(images.sample_shape) != self._sample_shape:
-            raise ConfigError(f"the stage produced samples of shape {list(images.sample_shape)} after "
-                              f"{self._sample_shape}: it must output one fixed shape (add a crop)")
-        k = self._slots.free_slot()
-        self._ring.write(k, images, self._seq)
-        self._slots.fill(k, Batch(seq=self._seq, slot=k, epoch=plan.epoch, start=plan.start,
+        if event.sample_shape != self._sample_shape or event.dtype != self._dtype.name:
+            raise ConfigError(f"the stage produced samples of {event.sample_shape} {event.dtype} after "
+                              f"{self._sample_shape} {self._dtype.name}: it must output one fixed shape and "
+                              f"type (add a crop)")
+        k = task.slot
+        self._ring.mark(k, task.seq)
+        self._slots.fill(k, Batch(seq=task.seq, slot=k, epoch=plan.epoch, start=plan.start,
                                   count=len(plan.indices), last=plan.last, epoch_size=len(plan.order),
                                   excluded=len(self._feed.excluded), labels=plan.labels.astype("<i8").tobytes(),
                                   indices=plan.indices.astype("<i8").tobytes(), sent_ns=0))
         for job in self._jobs.active():
             self._announce(job, k)
-        self._seq += 1
         self._started = True
         self.batches_served += 1
-        if plan.last and self.options.epochs is not None and plan.epoch + 1 >= self.options.epochs:
-            self._done = True
+
+    def _on_lost(self, event: Lost) -> None:
+        """The worker went with ``event.tasks``: exclude the files the probes blamed, free the slots,
+        feed again from the oldest lost batch (the served samples keep their places)."""
+        files = self._dataset.files
+        for index, reason in event.culprits.items():
+            self._feed.exclude(index, reason)
+            log.warning("excluded %s (sample %d): %s", files[index], index, reason)
+        if event.culprits:
+            log.warning("%d of %d files excluded so far because they cannot be decoded",
+                        len(self._feed.excluded), len(self._dataset))
+        for lost in event.tasks:
+            if lost.task.slot >= 0:
+                self._slots.unreserve(lost.task.slot)
+        if event.tasks:
+            self._feed.rewind(event.tasks[0].plan)
+
+    def _open_ring(self, first: Done) -> None:
+        """The first batch's shape is known: create the ring, give it to the worker, welcome the
+        jobs that waited."""
+        opts = self.options
+        self._sample_shape, self._dtype = list(first.sample_shape), np.dtype(first.dtype)
+        sample_bytes = int(np.prod(self._sample_shape)) * self._dtype.itemsize
+        self._ring = create_ring(opts.name, opts.slots, opts.batch_size * sample_bytes, gpu=parse_device(opts.device))
+        self._resources.callback(self._ring.close)
+        self._resources.callback(self._supervisor.stop, "the producer stops")  # before the ring is freed
+        self._resources.callback(self._tell_jobs)  # before the worker is stopped and the ring freed
+        self._supervisor.map_ring(self._ring.layout.to_wire())
+        self.phase = Phase.SERVING
+        log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots in %s memory, at %s",
+                 opts.name, len(self._dataset), len(self._dataset.classes), opts.batch_size, self._sample_shape,
+                 self._dtype, opts.slots, opts.device, names.endpoint(opts.name))
+        waiting, self._waiting = self._waiting, {}
+        for identity, hello in waiting.items():
+            if names.pid_alive(hello.pid, None):
+                self._attach(identity, hello)
+
+    def _starting_reason(self) -> str:
+        if self.phase is Phase.SCANNING:
+            return f"scanning {self.data}"
+        if self._supervisor.phase in (WorkerPhase.PROBING, WorkerPhase.WAITING):
+            return "restarting its stage worker after a failure"
+        return "decoding the first batch (its shape sizes the ring)"
 
     def _announce(self, job: Job, k: int) -> None:
         """Send the job slot ``k``'s batch; from then on it holds the slot until it releases it."""
@@ -236,7 +309,8 @@ class Producer:
     # -- control messages: NOTE [ Control protocol ] in wire/messages.py --------------------------
 
     def _handle_messages(self, timeout_ms: int) -> None:
-        for identity, msg in self._channel.receive(timeout_ms):
+        wake = self._supervisor.links() if self._supervisor is not None else ()
+        for identity, msg in self._channel.receive(timeout_ms, wake):
             self._dispatch(identity, msg)
 
     def _dispatch(self, identity: bytes, msg) -> None:
@@ -267,6 +341,12 @@ class Producer:
                 f"protocol version {hello.version} is not the producer's {PROTOCOL_VERSION}: "
                 f"install the same dalishare version in the job and the producer"))
             self._channel.drop(f"hello with protocol version {hello.version}")
+            return
+        if self.phase is not Phase.SERVING:
+            if identity not in self._waiting:
+                log.info("a job (pid %d) waits for the start: %s", hello.pid, self._starting_reason())
+            self._waiting[identity] = hello
+            self._channel.send(identity, Starting(os.getpid(), self._starting_reason()))
             return
         job = self._jobs.add(hello.pid, identity, hello.keep, time.monotonic())
         if not self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(), ring=self._ring.layout.to_wire(),
@@ -300,6 +380,8 @@ class Producer:
         it may still read.
         """
         now = time.monotonic()
+        if self._waiting and now >= self._next_starting:
+            self._repeat_starting(now)
         self._suspend_stallers(now)
         self._detach_dead()
         for job in self._jobs.to_probe(now, self.options.heartbeat_timeout):
@@ -307,6 +389,15 @@ class Producer:
                 job.silent = True
                 log.warning("job %d (pid %d) is alive but sent no heartbeat for %.0f s; "
                             "the jobs wait for it", job.id, job.pid, now - job.last_seen)
+
+    def _repeat_starting(self, now: float) -> None:
+        """Tell the jobs waiting for the start that we still start (each re-arms their attach
+        timeout); forget those whose process is gone."""
+        self._next_starting = now + STARTING_REPEAT_S
+        for identity, hello in list(self._waiting.items()):
+            if not names.pid_alive(hello.pid, None) or \
+                    not self._channel.send(identity, Starting(os.getpid(), self._starting_reason())):
+                del self._waiting[identity]
 
     def _detach_dead(self) -> None:
         for job in self._jobs.dead():
@@ -316,7 +407,7 @@ class Producer:
         """Suspend the jobs that held the others back for longer than the stall timeout (while the
         producer cannot write: no free slot, or its last epoch is served). A suspended job keeps its
         keep+2 oldest slots, the only ones it can be reading (NOTE [ Slot ownership ])."""
-        if self._slots.free_slot() is not None and not self._done:
+        if self._slots.free_slot() is not None and not self._done():
             return
         self._handle_messages(timeout_ms=0)  # count releases already sent: they change what a job holds
         for job in self._jobs.stallers(self._slots, now, self.options.stall_timeout):
@@ -342,3 +433,27 @@ class Producer:
             return
         self._slots.forget(job.id)
         log.info("job %d (pid %d) %s; %d jobs left", job.id, job.pid, why, len(self._jobs))
+
+
+class _Scan:
+    """The dataset scan, in a thread so the loop answers jobs meanwhile (a big folder takes a while).
+    Daemonic: a producer stopped during the scan does not wait for it."""
+
+    def __init__(self, data: Path):
+        self._result: Dataset | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(data,), name="dalishare-scan", daemon=True)
+        self._thread.start()
+
+    def _run(self, data: Path) -> None:
+        try:
+            self._result = scan(data)
+        except BaseException as exc:  # handed to the loop, which raises it
+            self._result = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Dataset:
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result

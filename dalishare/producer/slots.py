@@ -15,6 +15,7 @@ from ..wire.messages import Batch
 class Slot:
     batch: Batch | None = None  # the batch the slot holds now; None until first written
     holders: dict[int, float] = field(default_factory=dict)  # job id -> when it was sent; cleared by release
+    writing: int | None = None  # seq of the task the stage worker fills it with; None once filled or lost
 
 
 class SlotTable:
@@ -24,15 +25,30 @@ class SlotTable:
         self.slots = [Slot() for _ in range(count)]
 
     def free_slot(self) -> int | None:
-        """The free slot holding the oldest batch (the newest stay resident for late jobs), or None."""
-        free = [k for k, s in enumerate(self.slots) if not s.holders]
+        """The free slot holding the oldest batch (the newest stay resident for late jobs), or None.
+        A slot is free when no job holds it and the stage worker is not writing it."""
+        free = [k for k, s in enumerate(self.slots) if not s.holders and s.writing is None]
         return min(free, key=lambda k: self.slots[k].batch.seq if self.slots[k].batch else -1, default=None)
 
+    def reserve(self, k: int, seq: int) -> None:
+        """The stage worker is given free slot ``k`` to write task ``seq`` into: its old batch is gone."""
+        slot = self.slots[k]
+        if slot.holders or slot.writing is not None:
+            raise RuntimeError(f"slot {k} is given to the stage worker while jobs {sorted(slot.holders)} "
+                               f"hold it or task {slot.writing} writes it")
+        slot.batch, slot.writing = None, seq
+
+    def unreserve(self, k: int) -> None:
+        """The task writing slot ``k`` was lost with its worker: the slot is free, holding nothing."""
+        self.slots[k].writing = None
+
     def fill(self, k: int, batch: Batch) -> None:
-        """Slot ``k`` now holds ``batch`` (written while nobody held it)."""
-        if self.slots[k].holders:
-            raise RuntimeError(f"slot {k} is written while jobs {sorted(self.slots[k].holders)} hold it")
-        self.slots[k].batch = batch
+        """Slot ``k`` now holds ``batch``, written by the task it was reserved for."""
+        slot = self.slots[k]
+        if slot.writing != batch.seq or slot.holders:
+            raise RuntimeError(f"slot {k} filled with batch {batch.seq}, but it was reserved for {slot.writing} "
+                               f"(holders {sorted(slot.holders)})")
+        slot.batch, slot.writing = batch, None
 
     def hold(self, k: int, job_id: int, now: float) -> None:
         """``job_id`` was sent the announcement of slot ``k``."""

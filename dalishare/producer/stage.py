@@ -101,10 +101,20 @@ def read_encoded(paths: Iterable[Path]) -> list[np.ndarray]:
     return [np.fromfile(p, dtype=np.uint8) for p in paths]
 
 
-def build_pipeline(stage: Callable, source: Callable, *, batch_size: int, device: str = "cpu",
+def build_fed_pipeline(stage: Callable, *, batch_size: int, device: str = "cpu", num_threads: int | None = None,
+                       seed: int = 0):
+    """The stage worker's pipeline: fed batch by batch (``feed_input("encoded", images)`` then
+    ``schedule_run()``; ``outputs()`` in the same order). Several batches may be scheduled at once:
+    with a prefetch depth of 1 DALI runs each as soon as it is fed, and no output waits for a later
+    input (a deeper prefetch would hold the first output until enough inputs came)."""
+    return build_pipeline(stage, None, batch_size=batch_size, device=device, num_threads=num_threads, seed=seed,
+                          prefetch=1)
+
+
+def build_pipeline(stage: Callable, source: Callable | None, *, batch_size: int, device: str = "cpu",
                    num_threads: int | None = None, seed: int = 0, prefetch: int = 2, **options):
-    """A DALI pipeline that feeds ``source()`` (a list of encoded images, up to ``batch_size``) to
-    ``stage``; ``options`` go to DALI's ``pipeline_def``."""
+    """A DALI pipeline that feeds ``source()`` (a list of encoded images, up to ``batch_size``; None:
+    fed with ``feed_input("encoded", ...)``) to ``stage``; ``options`` go to DALI's ``pipeline_def``."""
     from nvidia.dali import fn, pipeline_def, types
 
     device_id = parse_device(device)
@@ -112,38 +122,13 @@ def build_pipeline(stage: Callable, source: Callable, *, batch_size: int, device
     @pipeline_def(batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1,
                   device_id=device_id, seed=seed, prefetch_queue_depth=prefetch, **options)
     def pipeline():
-        jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8, name="encoded")
+        jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8, name="encoded") if source \
+            else fn.external_source(dtype=types.UINT8, name="encoded")
         return stage(jpegs, "cpu" if device_id is None else "mixed")
 
     pipe = pipeline()
     pipe.build()
     return pipe
-
-
-def find_undecodable(stage: Callable, files: list[Path], *, device: str = "cpu") -> dict[int, str]:
-    """Run ``stage`` on each file alone; return {position in ``files``: one-line reason} for those
-    that fail. DALI fails a whole batch for one bad file and is unusable afterwards, so this is how
-    the producer finds the culprits (and it rebuilds its probe after each failure)."""
-    current: list[Path] = []
-
-    def source():
-        return read_encoded(current[-1:])
-
-    bad: dict[int, str] = {}
-    pipe = None
-    for position, path in enumerate(files):
-        current.append(path)
-        try:
-            if os.path.getsize(path) == 0:
-                raise ValueError("empty file")
-            if pipe is None:
-                pipe = build_pipeline(stage, source, batch_size=1, device=device, num_threads=1, prefetch=1,
-                                      exec_async=False, exec_pipelined=False)
-            pipe.run()
-        except Exception as exc:  # DALI reports decoding errors as RuntimeError, reading ones as others
-            bad[position] = one_line(exc)
-            pipe = None
-    return bad
 
 
 def one_line(exc: BaseException) -> str:

@@ -3,13 +3,16 @@ a producer leaves in the file system. Imports no zmq, torch or DALI.
 
 NOTE [ Slot ownership ]
 =======================
-- Creation. The producer creates the ring's memory once, before it accepts jobs, and is its only
-  writer: a host ring is one ``/dev/shm`` segment; a device ring is one plain ``cudaMalloc``
+- Creation. The producer creates the ring's memory once, sized by the first batch, before it
+  welcomes jobs; its stage worker (a child process: NOTE [ Stage worker protocol ] in
+  wire/stage.py) is the only writer of the slots, the producer the only writer of the header: a host ring is one ``/dev/shm`` segment; a device ring is one plain ``cudaMalloc``
   allocation on the producer's GPU plus a header-only segment (device.py). A job maps the ring
   at attach (the layout arrives in the ``Welcome`` message): host memory read-only, so a job that
   wrote would fault instead of corrupting its neighbours' batches; device memory through its CUDA
   IPC handle, opened once (CUDA has no read-only IPC mapping: a job must not write to it).
-- Writing. The producer writes slot k only while no job holds it. A slot becomes held by every job
+- Writing. Slot k is written only while no job holds it: the producer gives it to its worker
+  (header -1) in a ``Task``, and announces it after the worker's ``Filled`` (header: the seq). A
+  task lost with its worker frees the slot again. A slot becomes held by every job
   that is sent its ``Batch`` announcement (at production, at attach for the resident batches of the
   current epoch, at resume after a suspension) and stops being held by a job when that job sends
   ``Release`` for it, says ``Bye``, or is declared dead (its process is gone, or its socket is). The
@@ -56,11 +59,11 @@ importer); names.py: names and places, the name lock, stale cleanup.
 
 from __future__ import annotations
 
-from .host import HostRing, HostRingView
+from .host import HostRing, HostRingView, HostRingWriter
 from ..errors import ProtocolError
 from .layout import DEFAULT_SLOTS, MAX_SLOTS, RingKind, RingLayout, slot_size
 
-__all__ = ["DEFAULT_SLOTS", "MAX_SLOTS", "RingKind", "RingLayout", "attach_ring", "create_ring"]
+__all__ = ["DEFAULT_SLOTS", "MAX_SLOTS", "RingKind", "RingLayout", "attach_ring", "create_ring", "open_writer"]
 
 
 def create_ring(name: str, slots: int, batch_bytes: int, gpu: int | None = None):
@@ -70,6 +73,15 @@ def create_ring(name: str, slots: int, batch_bytes: int, gpu: int | None = None)
     from .device import DeviceRing  # CuPy is only needed on the GPU path
 
     return DeviceRing(name, slots, slot_size(batch_bytes), gpu)
+
+
+def open_writer(layout: RingLayout):
+    """A stage worker's writable view of the producer's ring (NOTE [ Stage worker protocol ])."""
+    if layout.kind == RingKind.HOST:
+        return HostRingWriter(layout)
+    from .device import DeviceRingWriter
+
+    return DeviceRingWriter(layout)
 
 
 def attach_ring(layout: RingLayout):

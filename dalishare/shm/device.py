@@ -55,13 +55,8 @@ class DeviceRing:
             raise
         self.layout = RingLayout(RingKind.DEVICE.value, self._header.layout.segment, slots, slot_bytes, gpu=bus_id, handle=handle)
 
-    def write(self, slot: int, batch, seq: int) -> None:
-        """Copy batch ``seq`` (a `stage.StageBatch` on this GPU) into ``slot``. ``copy_to`` returns
-        when the copy has finished on the GPU, so the slot is announced only after its bytes landed."""
-        check_fits(batch, self.layout)
-        self._header.mark(slot, -1)
-        with cupy().cuda.Device(self._gpu):
-            batch.copy_to(self._ptr + slot * self.layout.slot_bytes)
+    def mark(self, slot: int, seq: int) -> None:
+        """The seq slot k's header shows (see `HostRing.mark`)."""
         self._header.mark(slot, seq)
 
     def close(self) -> None:
@@ -72,6 +67,26 @@ class DeviceRing:
                 cupy().cuda.runtime.free(self._ptr)
             self._ptr = 0
         self._header.close()
+
+
+class DeviceRingWriter:
+    """A stage worker's mapping of a `DeviceRing` (its IPC handle, opened once); it writes slots only."""
+
+    def __init__(self, layout: RingLayout):
+        cp = cupy()
+        self.layout = layout
+        self._gpu = cp.cuda.runtime.deviceGetByPCIBusId(layout.gpu)
+        self._mapping = _IpcMapping(layout.handle, self._gpu)
+
+    def write(self, slot: int, batch) -> None:
+        """Copy ``batch`` (a `stage.StageBatch` on this GPU) into ``slot``. ``copy_to`` returns when
+        the copy has finished on the GPU, so the slot is announced only after its bytes landed."""
+        check_fits(batch, self.layout)
+        with cupy().cuda.Device(self._gpu):
+            batch.copy_to(self._mapping.ptr + slot * self.layout.slot_bytes)
+
+    def close(self) -> None:
+        self._mapping = None
 
 
 class _IpcMapping:

@@ -38,17 +38,10 @@ class HostRing:
         self._seqs[:] = -1
         self._array = np.frombuffer(self._map, dtype=np.uint8, offset=HEADER_BYTES)
 
-    def write(self, slot: int, batch, seq: int) -> None:
-        """Copy batch ``seq`` into ``slot``. ``batch`` has ``nbytes`` and ``copy_to(address)``
-        (`stage.StageBatch`), which returns once the bytes are there. The slot's header says -1
-        during the copy and ``seq`` after it, so a reader can tell a slot that changed under it
-        (x86 keeps stores in order)."""
-        check_fits(batch, self.layout)
-        self.mark(slot, -1)
-        batch.copy_to(self._array[slot * self.layout.slot_bytes :].ctypes.data)
-        self.mark(slot, seq)
-
     def mark(self, slot: int, seq: int) -> None:
+        """Set the seq slot k's header shows: -1 while a stage worker writes the slot, then the seq
+        of the batch it holds, so a reader can tell a slot that changed under it. The worker's copy
+        and this store are ordered by the message between them (NOTE [ Stage worker protocol ])."""
         self._seqs[slot] = seq
 
     def close(self) -> None:
@@ -56,6 +49,30 @@ class HostRing:
         self._array = self._seqs = None
         self._map.close()
 
+
+
+class HostRingWriter:
+    """A stage worker's writable mapping of a `HostRing`'s slots (NOTE [ Stage worker protocol ]).
+    It writes slots only; the producer owns the header."""
+
+    def __init__(self, layout: RingLayout):
+        self.layout = layout
+        fd = os.open(names.SHM_DIR / layout.segment, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, segment_bytes(layout))
+        finally:
+            os.close(fd)
+        self._array = np.frombuffer(self._map, dtype=np.uint8, offset=HEADER_BYTES)
+
+    def write(self, slot: int, batch) -> None:
+        """Copy ``batch`` (``nbytes``, ``copy_to(address)``: `stage.StageBatch`) into ``slot``;
+        returns once the bytes are there."""
+        check_fits(batch, self.layout)
+        batch.copy_to(self._array[slot * self.layout.slot_bytes :].ctypes.data)
+
+    def close(self) -> None:
+        self._array = None
+        self._map.close()
 
 
 class HostRingView:

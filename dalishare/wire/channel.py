@@ -46,10 +46,17 @@ class ProducerChannel:
         except zmq.ZMQError:
             return False
 
-    def receive(self, timeout_ms: int):
+    def receive(self, timeout_ms: int, wake=()):
         """Yield ``(identity, message)`` for everything that arrives within ``timeout_ms`` (then what
-        is already queued), dropping and counting what does not decode."""
-        if not self._sock.poll(timeout_ms):
+        is already queued), dropping and counting what does not decode. The wait also ends as soon
+        as one of ``wake`` (objects with ``fileno()``: the stage processes' links) is readable."""
+        if wake:
+            poller = zmq.Poller()
+            for source in (self._sock, *wake):
+                poller.register(source, zmq.POLLIN)
+            if self._sock not in dict(poller.poll(timeout_ms)):
+                return
+        elif not self._sock.poll(timeout_ms):
             return
         while True:
             try:

@@ -5,7 +5,7 @@ Decoding checks the tag, the exact set of fields and each field's type, so a str
 a `ProtocolError` (which the receiver counts and drops), never code: no pickle anywhere.
 
 Job -> producer: Hello, Release, Heartbeat, Resume, Bye.
-Producer -> job: Welcome, Reject, Batch, Suspended, Heartbeat (a probe), Stop.
+Producer -> job: Starting, Welcome, Reject, Batch, Suspended, Heartbeat (a probe), Stop.
 
 NOTE [ Control protocol ]
 =========================
@@ -13,10 +13,14 @@ Cited from the loops that implement it: the producer's (producer/server.py) and 
 (job/iterator.py, job/heartbeat.py). Every receive has a timeout and a liveness check behind it.
 
 - Attach. Job: ``Hello(pid, keep, version)``, then waits up to ``attach_timeout`` for an answer.
-  Producer: a hello of another protocol version gets ``Reject`` (the job raises `ProtocolError`);
-  otherwise it registers the job under a random id and answers ``Welcome`` (id, ring layout, sample
-  shape and dtype, epoch size, batch size, classes), then announces the resident batches of the
-  current epoch (a late job gets the rest of it). No answer in time: `ProducerNotFound`.
+  Producer: a hello of another protocol version gets ``Reject`` (the job raises `ProtocolError`).
+  Before its ring exists (start-up: scanning the dataset, decoding the first batch, which sizes the
+  ring) it answers ``Starting(pid, reason)`` and repeats it every STARTING_REPEAT_S; the job logs it
+  once and keeps waiting while that pid lives and the repeats come (each one re-arms
+  ``attach_timeout``). Once the ring exists it registers the job under a random id and answers
+  ``Welcome`` (id, ring layout, sample shape and dtype, epoch size, batch size, classes), then
+  announces the resident batches of the current epoch (a late job gets the rest of it). No answer
+  in time: `ProducerNotFound`; the starting producer gone: `ProducerLost`.
 - Announcements. Producer: ``Batch`` to every active job for each slot it fills, in seq order;
   from then on the job holds the slot (NOTE [ Slot ownership ], shm/__init__.py).
 - Releases. Job: ``Release(seq)`` when the keep rule lets a slot go (after its GPU reads, on a
@@ -48,7 +52,7 @@ import msgpack
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 2  # 2: Hello.keep, Heartbeat.taken
+PROTOCOL_VERSION = 3  # 2: Hello.keep, Heartbeat.taken; 3: Starting
 MAX_MESSAGE_BYTES = 1 << 20  # a batch announcement of 10,000 samples is ~170 kB
 
 
@@ -69,6 +73,15 @@ class Welcome:
     epoch_size: int         # samples per epoch
     batch_size: int         # the producer's batch size
     classes: list
+
+
+@dataclass(frozen=True)
+class Starting:
+    """The producer is alive but cannot welcome the job yet (its ring is sized by the first batch):
+    ``reason`` says what it is doing. Repeated every STARTING_REPEAT_S until the ``Welcome``."""
+
+    producer_pid: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -164,8 +177,7 @@ class Resume:
 
 
 MESSAGES = {cls.__name__.lower(): cls
-            for cls in (Hello, Welcome, Reject, Batch, Release, Heartbeat, Bye, Stop, Suspended, Resume)}
-_FIELDS = {cls: {f.name: f.type for f in dataclasses.fields(cls)} for cls in MESSAGES.values()}
+            for cls in (Hello, Starting, Welcome, Reject, Batch, Release, Heartbeat, Bye, Stop, Suspended, Resume)}
 _TYPES = {"int": int, "str": str, "bytes": bytes, "dict": dict, "list": list, "bool": bool}
 
 
@@ -176,7 +188,19 @@ def encode(msg) -> bytes:
 
 
 def decode(data: bytes):
-    """Parse one message; anything malformed raises `ProtocolError`."""
+    """Parse one control message; anything malformed raises `ProtocolError`."""
+    body, cls = parse(data, MESSAGES)
+    if cls is Hello and body.get("version") != PROTOCOL_VERSION and isinstance(body.get("pid"), int) \
+            and isinstance(body.get("version"), int):
+        return Hello(pid=body["pid"], version=body["version"])  # another version's hello: to be refused by name
+    check_fields(cls, body)
+    if cls is Stop and body["kind"] not in {kind.value for kind in StopKind}:
+        raise ProtocolError(f"Stop.kind {body['kind']!r} is none of {[kind.value for kind in StopKind]}")
+    return cls(**body)
+
+
+def parse(data: bytes, messages: dict) -> tuple[dict, type]:
+    """The body of one msgpack message and its class, looked up by tag in ``messages``."""
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
@@ -185,19 +209,18 @@ def decode(data: bytes):
         raise ProtocolError(f"undecodable message: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("message is not a map")
-    cls = MESSAGES.get(body.pop("t", None))
+    cls = messages.get(body.pop("t", None))
     if cls is None:
         raise ProtocolError("message has an unknown or missing type tag")
-    fields = _FIELDS[cls]
-    if cls is Hello and body.get("version") != PROTOCOL_VERSION and isinstance(body.get("pid"), int) \
-            and isinstance(body.get("version"), int):
-        return Hello(pid=body["pid"], version=body["version"])  # another version's hello: to be refused by name
+    return body, cls
+
+
+def check_fields(cls: type, body: dict) -> None:
+    """Raise `ProtocolError` unless ``body`` has exactly the fields of ``cls``, each of its type."""
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
     if set(body) != set(fields):
         raise ProtocolError(f"{cls.__name__} has fields {sorted(body)}, expected {sorted(fields)}")
     for key, type_name in fields.items():
         value = body[key]
         if not isinstance(value, _TYPES[type_name]) or (type_name == "int" and isinstance(value, bool)):
             raise ProtocolError(f"{cls.__name__}.{key} should be {type_name}, got {type(value).__name__}")
-    if cls is Stop and body["kind"] not in {kind.value for kind in StopKind}:
-        raise ProtocolError(f"Stop.kind {body['kind']!r} is none of {[kind.value for kind in StopKind]}")
-    return cls(**body)

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -123,18 +124,23 @@ def test_ci_runs_the_readme_test_command():
     assert command in (root / "README.md").read_text()
 
 
-def test_find_undecodable_names_missing_empty_and_garbage_files_with_a_reason(tmp_path):
-    from dalishare.producer.stage import find_undecodable
+def test_a_probe_names_missing_empty_and_garbage_files_with_a_reason_in_one_process(tmp_path):
+    from dalishare.producer.supervisor import ProbeRun
 
     make_dataset(tmp_path / "d", {"a": 2})
     good = sorted((tmp_path / "d" / "a").iterdir())
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("no image")
     files = [good[0], tmp_path / "gone.jpg", tmp_path / "empty.jpg", tmp_path / "text.jpg", good[1]]
-    bad = find_undecodable(load_stage(RESNET), files)
-    assert sorted(bad) == [1, 2, 3]
-    assert bad[1].startswith("FileNotFoundError") and bad[2] == "ValueError: empty file"
-    assert bad[3].startswith("fn.decoders.image:") and "\n" not in bad[3]
+    run = ProbeRun(str(RESNET), "cpu", files, list(range(5)), control=None, timeout=60)
+    deadline = time.monotonic() + 60
+    while not run.done and time.monotonic() < deadline:
+        run.poll(time.monotonic())
+        time.sleep(0.01)
+    assert run.done and not run.broken and run.processes == 1  # a file that raises does not end the probe
+    assert sorted(run.failures) == [1, 2, 3]
+    assert run.failures[1].startswith("FileNotFoundError") and run.failures[2] == "ValueError: empty file"
+    assert run.failures[3].startswith("fn.decoders.image:") and "\n" not in run.failures[3]
 
 
 class _ArrayBatch:
@@ -147,21 +153,27 @@ class _ArrayBatch:
         ctypes.memmove(address, self.array.ctypes.data, self.nbytes)
 
 
-def test_a_slot_header_tells_a_reader_which_batch_the_slot_holds():
-    from dalishare.shm.host import HostRing, HostRingView
+def test_a_worker_writes_slots_and_the_header_tells_a_reader_which_batch_a_slot_holds():
+    from dalishare.shm.host import HostRing, HostRingView, HostRingWriter
 
     ring = HostRing("hdr", slots=3, slot_bytes=16)
-    view = HostRingView(ring.layout)
+    writer, view = HostRingWriter(ring.layout), HostRingView(ring.layout)
     try:
         assert not view.holds(1, 0)  # never written
-        ring.write(1, _ArrayBatch(np.arange(16, dtype=np.uint8)), seq=7)
+        ring.mark(1, -1)
+        writer.write(1, _ArrayBatch(np.arange(16, dtype=np.uint8)))
+        assert not view.holds(1, 7)  # written, not marked yet: not announced
+        ring.mark(1, 7)
         assert view.holds(1, 7) and not view.holds(0, 7)
         assert bytes(view.slot(1)) == bytes(range(16))
         assert bytes(view.slot(0)) == bytes(16) and bytes(view.slot(2)) == bytes(16)  # neighbours untouched
         with pytest.raises(ValueError, match="does not fit"):
-            ring.write(2, _ArrayBatch(np.zeros(17, dtype=np.uint8)), seq=8)
-        ring.write(1, _ArrayBatch(np.zeros(16, dtype=np.uint8)), seq=9)  # reused: a reader of batch 7 can tell
+            writer.write(2, _ArrayBatch(np.zeros(17, dtype=np.uint8)))
+        ring.mark(1, -1)  # reused: a reader of batch 7 can tell
+        writer.write(1, _ArrayBatch(np.zeros(16, dtype=np.uint8)))
+        ring.mark(1, 9)
         assert not view.holds(1, 7) and view.holds(1, 9)
     finally:
         view.close()
+        writer.close()
         ring.close()

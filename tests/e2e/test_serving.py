@@ -314,7 +314,8 @@ def test_a_producer_that_ends_badly_never_leaves_a_job_hanging(dataset, tmp_path
                 with pytest.raises(ProducerLost, match=rf"producer 't' \(pid {server.proc.pid}\) {match}"):
                     for _ in it:  # what was already announced, then the wait that notices the end
                         pass
-            assert time.monotonic() - start < 3
+            # vanished files are found batch by batch (worker lost, probe, exclusion, restart)
+            assert time.monotonic() - start < (20 if how == "exception" else 3)
         code = server.wait(30)
     assert code == {"sigkill": -signal.SIGKILL, "exception": 2}.get(how, 0), server.log()
     if how == "sigkill":  # it could not clean up: the next serve or `dalishare cleanup` does

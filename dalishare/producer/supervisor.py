@@ -1,0 +1,331 @@
+"""The producer's side of its stage processes: one worker that fills ring slots, the probes that
+find the files that broke it, restarts. Never runs DALI itself and never blocks: the serve loop
+calls `poll()` each pass and sleeps on `links()` with its control socket. The message sequence is
+NOTE [ Stage worker protocol ] in wire/stage.py.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import StageError, StageFailed
+from ..intervals import WORKER_QUIT_S
+from ..wire.stage import Failed, Fatal, Filled, MapRing, Probe, Probed, Probing, Quit, Ready, Setup, StageLink, Task
+from .options import ServeOptions
+from .restarts import CrashLoop, judge
+
+log = logging.getLogger(__name__)
+
+STAGE_TASKS_IN_FLIGHT = 2
+"""Tasks a worker holds at once: one decoding while the previous one is copied and announced."""
+
+
+class StageProcess:
+    """One ``python -m dalishare.producer.worker`` child and its link. It dies with the producer."""
+
+    def __init__(self, first: Setup | Probe):
+        self.link, child_end = StageLink.pair()
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "dalishare.producer.worker", str(child_end), str(os.getpid())],
+                pass_fds=[child_end], stdin=subprocess.DEVNULL)
+        except BaseException:
+            self.link.close()
+            raise
+        finally:
+            os.close(child_end)
+        self.pid = self.popen.pid
+        self.heard = time.monotonic()  # when it last sent something (or started)
+        self.link.send(first)
+
+    def messages(self):
+        """Yield what it sent; raises `EOFError` once it is gone."""
+        while (msg := self.link.receive()) is not None:
+            self.heard = time.monotonic()
+            yield msg
+
+    def end(self, reason: str = "", grace: float = 0.0) -> str:
+        """Make sure it is gone (``Quit`` and ``grace`` s to leave, then SIGKILL); how it ended."""
+        if grace and self.popen.poll() is None:
+            self.link.send(Quit(reason))
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(WORKER_QUIT_S)
+        self.link.close()
+        code = self.popen.returncode
+        return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+
+
+class WorkerPhase(enum.Enum):
+    """Where the stage worker is. STARTING -> READY (its ``Ready``); STARTING/READY -> PROBING (it
+    died, failed or hung; the files of its tasks are probed) -> WAITING (until its restart time; no
+    pause when files explained the failure) -> STARTING; any -> STOPPED (final)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    PROBING = "probing"
+    WAITING = "waiting"
+    STOPPED = "stopped"
+
+
+@dataclass
+class InFlight:
+    task: Task
+    indices: list[int]  # dataset indices of task.files
+    plan: object        # the server's plan of the batch, handed back in `Done` / `Lost`
+
+
+@dataclass
+class Done:
+    """A task's batch is in its slot."""
+
+    done: InFlight
+    sample_shape: list
+    dtype: str
+
+
+@dataclass
+class Lost:
+    """The worker is gone with these tasks (oldest first); ``culprits`` are the files to exclude
+    (dataset index -> reason), empty when no file explained the failure."""
+
+    tasks: list[InFlight]
+    culprits: dict[int, str]
+    reason: str
+
+
+class ProbeRun:
+    """Decode ``indices`` one by one in throwaway processes: a file that raises, crashes its probe or
+    hangs it for the stage timeout fails. A probe that dies on a file other than its first does not
+    blame it: the next probe starts at that file, so only a file decoded first in a fresh process is
+    blamed for a crash. ``control`` (a file the stage decoded before) goes first: if it fails, the
+    stage is at fault and the run stops."""
+
+    def __init__(self, stage: str, device: str, files: list[Path], indices: list[int], control: int | None,
+                 timeout: float):
+        self.stage, self.device, self.files, self.timeout = stage, device, files, timeout
+        self.control = control
+        self.indices = ([control] if control is not None else []) + [i for i in indices if i != control]
+        self.failures: dict[int, str] = {}  # dataset index -> why it failed alone
+        self.unreadable: set[int] = set()   # those of them that could not even be read
+        self.position = 0   # indices[position] is the first not yet decided
+        self.broken = ""    # set when the run proves nothing about the files (why)
+        self.process: StageProcess | None = None
+        self._first = 0     # position of the running probe's first file
+        self._current: int | None = None  # position of the file it is decoding
+        self.processes = 0
+
+    @property
+    def done(self) -> bool:
+        return self.process is None and (self.position >= len(self.indices) or bool(self.broken))
+
+    def poll(self, now: float) -> None:
+        if self.done:
+            return
+        if self.process is None:
+            self._first, self._current = self.position, None
+            self.process = StageProcess(Probe(self.stage, self.device,
+                                              [str(self.files[i]) for i in self.indices[self.position:]]))
+            self.processes += 1
+        try:
+            for msg in self.process.messages():
+                if isinstance(msg, Probing):
+                    self._current = self._first + msg.index
+                elif isinstance(msg, Probed):
+                    if msg.unreadable:
+                        self.unreadable.add(self.indices[self._first + msg.index])
+                    self._decided(self._first + msg.index, msg.error)
+                elif isinstance(msg, Fatal):
+                    raise StageError(f"the stage failed in a probe process: {msg.reason}")
+            if self.position >= len(self.indices):
+                self._end_process()
+            elif now - self.process.heard > self.timeout:
+                self._end_process(f"hung the decoder for more than {self.timeout:g} s")
+        except EOFError:
+            self._end_process()
+
+    def _decided(self, position: int, error: str) -> None:
+        if error:
+            self.failures[self.indices[position]] = error
+        self.position = position + 1
+        self._current = None
+        if error and self.indices[position] == self.control and self.control not in self.unreadable:
+            self.broken = f"the stage failed on a file it decoded before ({error})"
+
+    def _end_process(self, hung: str = "") -> None:
+        how = self.process.end()
+        self.process, current = None, self._current
+        if current is None:  # it ended between files: after its last one, or before its first
+            if self.position < len(self.indices) and not self.broken:
+                self.broken = f"a probe {hung or how} before it decoded any file"
+        elif current == self._first:
+            self._decided(current, hung or f"crashed the decoder: {how.removeprefix('killed by ')}")
+        else:
+            self.position = current  # a fresh probe starts at it, so a crash can only be its own
+
+
+@dataclass
+class _Worker:
+    process: StageProcess
+    tasks: deque = field(default_factory=deque)  # InFlight, oldest first: sent and not answered
+    failure: str = ""  # the worker's own report of why it ends (Failed)
+
+
+class StageSupervisor:
+    """Runs the stage in a worker process, restarts it, and says which files broke it."""
+
+    def __init__(self, stage_file: Path, options: ServeOptions, files: list[Path]):
+        self.stage, self.options, self.files = str(stage_file), options, files
+        self.ring: dict = {}  # the ring's layout once it exists (new workers get it in Setup)
+        self.phase = WorkerPhase.WAITING
+        self.crash_loop = CrashLoop()
+        self.restarts = 0    # workers started after the first
+        self.probed: set[int] = set()    # files probed once (they passed, or their round blamed the stage): never again
+        self.control: int | None = None  # a file of a filled batch: probed first, to tell the stage from the data
+        self._worker: _Worker | None = None
+        self._probes: ProbeRun | None = None
+        self._lost: list[InFlight] = []   # tasks of the failed worker, while its files are probed
+        self._lost_reason = ""
+        self._restart_at = 0.0  # when the phase is WAITING: when the next worker starts
+        self._events: list = []
+
+    # -- the serve loop's side ----------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._worker.process.pid if self._worker else None
+
+    def room(self) -> int:
+        """How many more tasks the worker takes now."""
+        if self.phase not in (WorkerPhase.STARTING, WorkerPhase.READY):
+            return 0
+        return STAGE_TASKS_IN_FLIGHT - len(self._worker.tasks)
+
+    def in_flight(self) -> int:
+        return len(self._worker.tasks) if self._worker else 0
+
+    def submit(self, seq: int, slot: int, indices: list[int], plan) -> None:
+        task = Task(seq, slot, [str(self.files[i]) for i in indices])
+        self._worker.tasks.append(InFlight(task, list(indices), plan))
+        self._worker.process.link.send(task)  # a worker gone meanwhile is found by poll()
+
+    def map_ring(self, ring: dict) -> None:
+        self.ring = ring
+        if self._worker:
+            self._worker.process.link.send(MapRing(ring))
+
+    def links(self) -> list:
+        """What the serve loop should wake up for."""
+        running = [self._worker.process.link] if self._worker else []
+        probe = self._probes.process if self._probes else None
+        return running + ([probe.link] if probe else [])
+
+    def poll(self, now: float) -> list:
+        """Advance; the `Done` and `Lost` events since the last call, in order. Raises `StageError`
+        for a stage that cannot work (does not import, varying shapes) and `StageFailed` when the
+        crash loop gives up."""
+        if self.phase == WorkerPhase.WAITING and now >= self._restart_at:
+            self._start()
+        if self._worker:
+            self._read_worker(now)
+        if self.phase == WorkerPhase.PROBING:
+            self._probes.poll(now)
+            if self._probes.done:
+                self._after_probes()
+        events, self._events = self._events, []
+        return events
+
+    def stop(self, reason: str) -> None:
+        """End every stage process (``Quit`` first to the worker). Idempotent."""
+        if self._worker:
+            how = self._worker.process.end(reason, grace=WORKER_QUIT_S)
+            log.debug("stage worker pid %d %s", self._worker.process.pid, how)
+            self._worker = None
+        if self._probes and self._probes.process:
+            self._probes.process.end()
+            self._probes.process = None
+        self.phase = WorkerPhase.STOPPED
+
+    # -- the worker ----------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        opts = self.options
+        process = StageProcess(Setup(self.stage, opts.device, opts.batch_size, opts.num_threads or 0, opts.seed,
+                                     self.ring))
+        if self._lost_reason:  # a worker was lost before
+            self.restarts += 1
+            log.warning("stage worker restarted (pid %d; %d restarts so far)", process.pid, self.restarts)
+        else:
+            log.info("stage worker started (pid %d)", process.pid)
+        self._worker, self.phase = _Worker(process), WorkerPhase.STARTING
+
+    def _read_worker(self, now: float) -> None:
+        worker = self._worker
+        try:
+            for msg in worker.process.messages():
+                if isinstance(msg, Ready):
+                    self.phase = WorkerPhase.READY
+                elif isinstance(msg, Filled):
+                    self._filled(worker, msg)
+                elif isinstance(msg, Failed):
+                    worker.failure = msg.reason
+                elif isinstance(msg, Fatal):
+                    raise StageError(f"{self.stage}: {msg.reason}")
+        except EOFError:
+            self._worker_lost(worker.failure or "the stage worker {how}")
+            return
+        busy = worker.tasks or self.phase == WorkerPhase.STARTING
+        if busy and now - worker.process.heard > self.options.stage_timeout:
+            self._worker_lost(f"the stage worker sent nothing for {self.options.stage_timeout:g} s (hung; {{how}})")
+
+    def _filled(self, worker: _Worker, msg: Filled) -> None:
+        head = worker.tasks.popleft()
+        if head.task.seq != msg.seq:  # one worker answers in order; several would need a lookup here
+            raise StageError(f"the stage worker answered task {msg.seq} before {head.task.seq}")
+        self.crash_loop.succeeded()
+        self.control = head.indices[0] if head.indices else self.control
+        self._events.append(Done(head, msg.sample_shape, msg.dtype))
+
+    def _worker_lost(self, reason: str) -> None:
+        worker, self._worker = self._worker, None
+        how = worker.process.end()
+        self._lost, self._lost_reason = list(worker.tasks), reason.replace("{how}", how)
+        log.warning("stage worker pid %d lost with %d batches in flight: %s", worker.process.pid,
+                    len(self._lost), self._lost_reason)
+        suspects = [i for t in self._lost for i in t.indices if i not in self.probed]
+        self._probes = ProbeRun(self.stage, self.options.device, self.files, suspects,
+                                self.control if suspects else None, self.options.stage_timeout)
+        self.phase = WorkerPhase.PROBING
+
+    def _after_probes(self) -> None:
+        run, self._probes = self._probes, None
+        probed = [i for i in run.indices[: run.position]]
+        culprits = {} if run.broken else judge(probed, run.failures, run.control, run.unreadable)
+        self.probed.update(probed)
+        if run.indices:
+            log.info("probed %d files in %d processes: %d to exclude%s", len(probed), run.processes, len(culprits),
+                     f" ({run.broken})" if run.broken else "")
+        self._events.append(Lost(self._lost, culprits, self._lost_reason))
+        pause = self.crash_loop.failed(explained=bool(culprits))
+        if pause is None:
+            self.phase = WorkerPhase.STOPPED
+            raise StageFailed(
+                f"the stage worker failed {self.crash_loop.in_a_row} times in a row and no file explains it; "
+                f"last: {run.broken or self._lost_reason}. Check the stage ({self.stage}), the device "
+                f"({self.options.device}) and free memory")
+        if pause:
+            log.warning("no file explains the failure; restarting the stage worker in %.1f s", pause)
+        self._restart_at, self.phase = time.monotonic() + pause, WorkerPhase.WAITING
