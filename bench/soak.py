@@ -1,11 +1,14 @@
-"""Soak: one producer for N minutes while jobs join, leave, stall and get killed at random.
+"""Soak: one producer for N minutes while jobs join, leave, stall and get killed at random, and
+its stage worker is SIGKILLed at random times.
 
-    python bench/soak.py [--minutes 10] [--jobs 4] [--seed 0] [--out FILE]
+    python bench/soak.py [--minutes 10] [--jobs 4] [--worker-kills-per-min 2] [--seed 0] [--out FILE]
 
-At the end it prints: batches served, jobs seen, for every pass a job made over a whole epoch
-whether it got each decodable sample exactly once, leaked segments/sockets/processes (must be 0),
-and the producer's memory growth after warm-up (must stay under 10 %). The dataset is generated
-(with a few undecodable files among the images) in a temporary folder.
+At the end it prints: batches served, jobs seen, stage worker kills and restarts, for every pass a
+job made over a whole epoch whether it got each decodable sample exactly once, the samples lost and
+duplicated in those passes (both must be 0), leaked segments/sockets/processes (must be 0), and the
+producer's memory growth after warm-up (must stay under 10 %). The dataset is generated (with
+broken JPEGs among the images: empty, text, truncated, flipped, bad markers, spliced) in a
+temporary folder.
 """
 
 from __future__ import annotations
@@ -56,10 +59,31 @@ def job_main(spec: dict) -> None:
 def make_data(root: Path) -> tuple[Path, int]:
     from dalishare.testing import PATTERNS, make_image_folder
 
+    from dalishare.testing import corrupt_jpegs
+
     make_image_folder(root, {p: 100 for p in PATTERNS})
     (root / PATTERNS[0] / "zz_empty.jpg").write_bytes(b"")
     (root / PATTERNS[1] / "zz_text.jpg").write_text("not an image")
+    corrupt_jpegs(sorted((root / PATTERNS[2]).iterdir()), root / "zz_broken", 20)
     return root, 3
+
+
+def stage_processes() -> list[int]:
+    """Pids of every live stage worker or probe on the machine."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"dalishare.producer.worker" in (proc / "cmdline").read_bytes() and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def worker_pid(log: str) -> int | None:
+    pids = re.findall(r"stage worker (?:started|restarted) \(pid (\d+)", log)
+    return int(pids[-1]) if pids else None
 
 
 def rss_kb(pid: int) -> int:
@@ -73,6 +97,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--jobs", type=int, default=4, help="jobs alive at most at once")
+    parser.add_argument("--worker-kills-per-min", type=float, default=2.0,
+                        help="SIGKILLs of the stage worker per minute, at random times")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the report to this file")
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job from a JSON spec
@@ -91,7 +117,14 @@ def main() -> None:
     deadline, warmup_end = start + args.minutes * 60, start + max(60.0, args.minutes * 12)
     jobs: list[dict] = []
     rss_warm = None
+    kills, next_kill = 0, start + rng.expovariate(args.worker_kills_per_min / 60) if args.worker_kills_per_min else deadline
     while time.monotonic() < deadline:
+        if time.monotonic() > next_kill:
+            pid = worker_pid(server.log())
+            if pid is not None and pid in stage_processes():
+                os.kill(pid, signal.SIGKILL)
+                kills += 1
+            next_kill = time.monotonic() + rng.expovariate(args.worker_kills_per_min / 60)
         alive = [j for j in jobs if j["proc"].poll() is None]
         if len(alive) < args.jobs and rng.random() < 0.5:
             behaviour = rng.choice(BEHAVIOURS)
@@ -114,17 +147,19 @@ def main() -> None:
             j["proc"].kill()
         j["proc"].wait(timeout=30)
     code = server.stop(timeout=60)
-    print_report(args, tmp, jobs, code, rss_warm, rss_end, name, server.log())
+    time.sleep(1)  # the stage processes die with their producer (PR_SET_PDEATHSIG)
+    print_report(args, tmp, jobs, code, rss_warm, rss_end, name, server.log(), kills)
 
 
-def print_report(args, tmp: Path, jobs: list[dict], code: int, rss_warm, rss_end, name: str, text: str) -> None:
+def print_report(args, tmp: Path, jobs: list[dict], code: int, rss_warm, rss_end, name: str, text: str,
+                 kills: int) -> None:
     """``text``: the producer's log."""
     from dalishare.producer.dataset import scan
 
-    served = re.search(r"(\d+) batches served, (\d+) control messages dropped", text)
+    served = re.search(r"(\d+) batches served, (\d+) stage worker restarts, (\d+) control messages dropped", text)
     excluded = set(re.findall(r"excluded (\S+) \(sample (\d+)\)", text))
     decodable = set(range(len(scan(tmp / "data")))) - {int(i) for _, i in excluded}
-    whole = ok = dup = 0
+    whole = ok = dup = lost = duplicates = 0
     for j in jobs:
         path = Path(j["spec"]["out"])
         for p in json.loads(path.read_text()) if path.exists() else []:
@@ -132,9 +167,11 @@ def print_report(args, tmp: Path, jobs: list[dict], code: int, rss_warm, rss_end
             if p["complete"] and p["missed"] == 0 and len(p["indices"]) >= p["epoch_size"]:
                 whole += 1  # a pass over a whole epoch: it must be each decodable sample once
                 ok += sorted(p["indices"]) == sorted(decodable)
+                lost += len(decodable - set(p["indices"]))
+                duplicates += len(p["indices"]) - len(set(p["indices"]))
     segments = [p.name for p in Path("/dev/shm").glob(f"dalishare.{name}.*")]
     runtime_files = os.listdir(tmp / "run") if (tmp / "run").exists() else []
-    children = [j["proc"].pid for j in jobs if j["proc"].poll() is None]
+    children = [j["proc"].pid for j in jobs if j["proc"].poll() is None] + stage_processes()
     growth = (rss_end - rss_warm) / rss_warm if rss_warm else float("nan")
     kinds = {b: sum(j["spec"]["behaviour"] == b for j in jobs) for b in BEHAVIOURS}
     failed = [j["spec"]["out"] for j in jobs if j["proc"].returncode not in (0, -signal.SIGKILL)]
@@ -142,13 +179,17 @@ def print_report(args, tmp: Path, jobs: list[dict], code: int, rss_warm, rss_end
         f"dalishare soak: {args.minutes:g} min, up to {args.jobs} jobs at once, seed {args.seed}, {os.cpu_count()} cores",
         f"producer exit code: {code} (0 = clean stop on SIGTERM)",
         f"batches served: {served.group(1) if served else '?'}; control messages dropped (malformed, or from "
-        f"jobs already gone): {served.group(2) if served else '?'}",
+        f"jobs already gone): {served.group(3) if served else '?'}",
+        f"stage worker: {kills} SIGKILLs by the soak, {served.group(2) if served else '?'} restarts "
+        f"(kills, plus failures on broken files); "
+        f"decoder crashes blamed on a file: {len(re.findall(r'crashed the decoder', text))}",
         f"jobs seen: {len(jobs)} ({', '.join(f'{k} {v}' for k, v in kinds.items())}); "
         f"suspensions: {text.count('suspended until it resumes')}, resumes: {text.count('resumed after batch')}",
         f"jobs that failed (exit code other than 0, or a kill by the soak): {len(failed)} {failed}",
         f"files excluded as undecodable: {len(excluded)}; decodable samples: {len(decodable)}",
         f"whole-epoch passes: {whole}, each decodable sample exactly once: {ok}/{whole}; "
-        f"passes with a duplicate sample: {dup}",
+        f"in them, samples lost: {lost} (must be 0), duplicates: {duplicates} (must be 0); "
+        f"passes of any kind with a duplicate sample: {dup}",
         f"leaked: segments {len(segments)}, runtime files {len(runtime_files)}, processes {len(children)}",
         f"producer RSS: {rss_warm} kB after warm-up, {rss_end} kB at the end: growth {growth:+.1%} (limit +10%)",
         f"logs and job records: {tmp}",

@@ -51,6 +51,10 @@ PRODUCER_POLL_S = 0.2
 """How often a job that waits (to attach, for a batch, for a producer to go) checks that its
 producer is still alive."""
 
+STARTING_SILENCE_S = 10.0
+"""After a ``Starting``, how long a job waits for the next one (or the ``Welcome``) before it gives
+up, if its ``attach_timeout`` is shorter: several STARTING_REPEAT_S."""
+
 GPU_EVENT_POLL_MS = 1
 """How often a waiting job polls the CUDA events of the slots its GPU still reads."""
 

@@ -37,6 +37,39 @@ def make_image_folder(root: Path, class_sizes: dict[str, int], seed: int = 0) ->
     return root
 
 
+CORRUPTIONS = ("truncated", "flipped", "bad-marker", "spliced")
+
+
+def corrupt_jpegs(sources: list[Path], folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """Write ``count`` broken JPEGs into ``folder``, made from the real JPEGs ``sources`` the way
+    decoder test suites break them, one kind after the other (CORRUPTIONS): cut at a random point,
+    random bytes flipped past the headers, a marker byte overwritten (a random 0xFF xx pair), a
+    chunk of another file spliced in. Some still decode: they are odd, not necessarily bad."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for n in range(count):
+        kind = CORRUPTIONS[n % len(CORRUPTIONS)]
+        data = bytearray(sources[int(rng.integers(len(sources)))].read_bytes())
+        if kind == "truncated":
+            data = data[: int(rng.integers(2, len(data) - 2))]
+        elif kind == "flipped":
+            for i in rng.integers(200, len(data), int(rng.integers(1, 40))):
+                data[i] ^= int(rng.integers(1, 256))
+        elif kind == "bad-marker":
+            markers = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] not in (0x00, 0xFF)]
+            for i in rng.choice(markers, size=min(3, len(markers)), replace=False):
+                data[i + 1] = int(rng.integers(0, 256))
+        else:
+            other = sources[int(rng.integers(len(sources)))].read_bytes()
+            at, start = int(rng.integers(2, len(data))), int(rng.integers(0, len(other) - 1))
+            data[at:at] = other[start : start + int(rng.integers(64, 4096))]
+        path = folder / f"{kind}_{n:04d}.jpg"
+        path.write_bytes(bytes(data))
+        written.append(path)
+    return written
+
+
 class ProducerProcess:
     """``dalishare serve PIPELINE --data DATA --name NAME OPTIONS...`` in a child process. Its output
     goes to a temporary file, not a pipe (a full pipe would block the producer). Leaving the ``with``

@@ -19,14 +19,20 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _children() -> list[str]:
+    """This test process's children, and any stage process (a producer's worker or probe) anywhere:
+    those are grandchildren, and must go with their producer however it ends."""
     me, found = os.getpid(), []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if int(fields[1]) == me:
-            found.append(f"pid {stat.parent.name} ({stat.read_text().split(')')[0].split('(')[1]})")
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z" and int(fields[1]) != me:  # a zombie of ours is a child not waited for
+            continue
+        if int(fields[1]) == me or "dalishare.producer.worker" in cmdline:
+            found.append(f"pid {proc.name} ({cmdline.strip()[:120]})")
     return found
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..intervals import GPU_EVENT_POLL_MS, PRODUCER_POLL_S
+from ..intervals import STARTING_SILENCE_S, GPU_EVENT_POLL_MS, PRODUCER_POLL_S
 from ..errors import BatchHeldTooLong, ProducerLost, ProducerNotFound, ProtocolError, SlotReused
 from ..shm import RingLayout, attach_ring
 from ..shm import names
@@ -166,7 +166,7 @@ class Session:
                         log.info("producer %r (pid %d) is starting (%s); waiting for it", self.name,
                                  msg.producer_pid, msg.reason)
                         starting = (msg.producer_pid, names.process_start(msg.producer_pid))
-                    deadline = time.monotonic() + timeout
+                    deadline = time.monotonic() + max(timeout, STARTING_SILENCE_S)
                 elif isinstance(msg, Stop):
                     raise ProducerLost(f"producer {self.name!r} stopped before it served a batch: {msg.reason}")
         raise ProducerNotFound(

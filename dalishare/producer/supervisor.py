@@ -197,7 +197,7 @@ class StageSupervisor:
         self.control: int | None = None  # a file of a filled batch: probed first, to tell the stage from the data
         self._worker: _Worker | None = None
         self._probes: ProbeRun | None = None
-        self._lost: list[InFlight] = []   # tasks of the failed worker, while its files are probed
+        self._lost: list[InFlight] = []   # tasks of the lost worker while its files are probed; [] once in a `Lost`
         self._lost_reason = ""
         self._restart_at = 0.0  # when the phase is WAITING: when the next worker starts
         self._events: list = []
@@ -215,7 +215,8 @@ class StageSupervisor:
         return STAGE_TASKS_IN_FLIGHT - len(self._worker.tasks)
 
     def in_flight(self) -> int:
-        return len(self._worker.tasks) if self._worker else 0
+        """Tasks sent and not handed back yet: with the worker, or lost with it and not yet in a `Lost`."""
+        return (len(self._worker.tasks) if self._worker else 0) + len(self._lost)
 
     def submit(self, seq: int, slot: int, indices: list[int], plan) -> None:
         task = Task(seq, slot, [str(self.files[i]) for i in indices])
@@ -319,6 +320,7 @@ class StageSupervisor:
             log.info("probed %d files in %d processes: %d to exclude%s", len(probed), run.processes, len(culprits),
                      f" ({run.broken})" if run.broken else "")
         self._events.append(Lost(self._lost, culprits, self._lost_reason))
+        self._lost = []
         pause = self.crash_loop.failed(explained=bool(culprits))
         if pause is None:
             self.phase = WorkerPhase.STOPPED

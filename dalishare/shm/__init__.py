@@ -4,19 +4,21 @@ a producer leaves in the file system. Imports no zmq, torch or DALI.
 NOTE [ Slot ownership ]
 =======================
 - Creation. The producer creates the ring's memory once, sized by the first batch, before it
-  welcomes jobs; its stage worker (a child process: NOTE [ Stage worker protocol ] in
-  wire/stage.py) is the only writer of the slots, the producer the only writer of the header: a host ring is one ``/dev/shm`` segment; a device ring is one plain ``cudaMalloc``
-  allocation on the producer's GPU plus a header-only segment (device.py). A job maps the ring
-  at attach (the layout arrives in the ``Welcome`` message): host memory read-only, so a job that
-  wrote would fault instead of corrupting its neighbours' batches; device memory through its CUDA
-  IPC handle, opened once (CUDA has no read-only IPC mapping: a job must not write to it).
-- Writing. Slot k is written only while no job holds it: the producer gives it to its worker
-  (header -1) in a ``Task``, and announces it after the worker's ``Filled`` (header: the seq). A
-  task lost with its worker frees the slot again. A slot becomes held by every job
-  that is sent its ``Batch`` announcement (at production, at attach for the resident batches of the
-  current epoch, at resume after a suspension) and stops being held by a job when that job sends
-  ``Release`` for it, says ``Bye``, or is declared dead (its process is gone, or its socket is). The
-  producer fills the free slot holding the oldest batch, so the newest stay resident for late jobs.
+  welcomes jobs: a host ring is one ``/dev/shm`` segment; a device ring is one plain ``cudaMalloc``
+  allocation on the producer's GPU plus a header-only segment (device.py). Its stage worker (a child
+  process: NOTE [ Stage worker protocol ] in wire/stage.py) maps it writable and is the only writer
+  of the slots; the producer is the only writer of the header. A job maps the ring at attach (the
+  layout arrives in the ``Welcome`` message): host memory read-only, so a job that wrote would fault
+  instead of corrupting its neighbours' batches; device memory through its CUDA IPC handle, opened
+  once (CUDA has no read-only IPC mapping: a job must not write to it).
+- Writing. Slot k is written only while no job holds it: the producer gives a free slot to its
+  worker in a ``Task`` (header -1: being written; not free, not resident), and marks the header
+  with the seq and announces the slot after the worker's ``Filled``. A task lost with its worker
+  frees its slot again. A slot becomes held by every job that is sent its ``Batch`` announcement
+  (at production, at attach for the resident batches of the current epoch, at resume after a
+  suspension) and stops being held by a job when that job sends ``Release`` for it, says ``Bye``,
+  or is declared dead (its process is gone, or its socket is). The producer gives out the free
+  slot holding the oldest batch, so the newest stay resident for late jobs.
 - Reading. A job reads a slot between receiving its announcement and sending its release, in
   announcement order. Each view it yields has a storage of its own, so the job can tell whether
   anything still refers to it (keep.py). It releases a slot once it has taken all of it and no view
@@ -26,7 +28,7 @@ NOTE [ Slot ownership ]
   releases at the next step, unchecked. So the slots a job may be reading are its keep+2 oldest held
   ones: views of up to keep+1 batches and the slot it reads next.
 - GPU ordering. On a device ring "writing" and "reading" mean GPU work, which is asynchronous. The
-  producer's copy into a slot has finished before it marks the header and announces the slot. A job
+  worker's copy into a slot has finished before it answers, so before the header and announcement. A job
   releases a slot only after the GPU work it queued to read it has finished (a CUDA event, polled;
   releases.py), recorded on its current stream when the keep rule above lets the slot go (so after
   the steps that used its views queued their work), and before reading a new slot it waits until at
@@ -42,8 +44,9 @@ NOTE [ Slot ownership ]
   mapping stays valid after the unlink and is unmapped when the job closes. After its last epoch a
   producer stops once each job has begun to read all it holds (host ring: the views a job keeps stay
   valid in its mapping) or, for a device ring, once each job has released every slot.
-- Death. The kernel keeps no link from a dead producer to its segment: a producer that was killed
-  leaves ``/dev/shm/dalishare.NAME.PID`` behind, and `names.clean_stale` removes it (at the next
+- Death. A dead stage worker's mapping goes with it; the producer frees the slots of its tasks in
+  flight. The kernel keeps no link from a dead producer to its segment: a producer that was killed
+  leaves ``/dev/shm/dalishare.NAME.PID`` behind (its worker is killed with it: PR_SET_PDEATHSIG), and `names.clean_stale` removes it (at the next
   ``dalishare serve`` or ``dalishare cleanup``). The CUDA driver reclaims a dead producer's device
   memory with its context; its jobs get `ProducerLost` and read the ring no more. A dead job's mappings go with its
   process; the producer frees the job's slots when it notices the death (``producer.server.Producer._reap``).

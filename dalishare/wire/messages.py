@@ -16,8 +16,8 @@ Cited from the loops that implement it: the producer's (producer/server.py) and 
   Producer: a hello of another protocol version gets ``Reject`` (the job raises `ProtocolError`).
   Before its ring exists (start-up: scanning the dataset, decoding the first batch, which sizes the
   ring) it answers ``Starting(pid, reason)`` and repeats it every STARTING_REPEAT_S; the job logs it
-  once and keeps waiting while that pid lives and the repeats come (each one re-arms
-  ``attach_timeout``). Once the ring exists it registers the job under a random id and answers
+  once and keeps waiting while that pid lives and the repeats come (each one re-arms its wait:
+  ``attach_timeout``, at least STARTING_SILENCE_S). A ``Stop`` instead: `ProducerLost` with the reason. Once the ring exists it registers the job under a random id and answers
   ``Welcome`` (id, ring layout, sample shape and dtype, epoch size, batch size, classes), then
   announces the resident batches of the current epoch (a late job gets the rest of it). No answer
   in time: `ProducerNotFound`; the starting producer gone: `ProducerLost`.

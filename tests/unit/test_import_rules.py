@@ -16,7 +16,7 @@ RULES = {  # what importing a room must not load
     "dalishare.shm": ["torch", "zmq", "nvidia.dali"],
     "dalishare.wire": ["torch", "nvidia.dali", "cupy"],
     "dalishare.wire.channel": ["torch", "nvidia.dali", "cupy"],
-    "dalishare.producer": ["torch", "cupy"],
+    "dalishare.producer": ["torch", "cupy", "nvidia.dali"],  # DALI runs in the stage worker only
     "dalishare.job": ["nvidia.dali"],
     "dalishare.cli": ["torch", "nvidia.dali", "cupy"],
     "dalishare.errors": ["torch", "zmq", "nvidia.dali", "cupy", "numpy"],

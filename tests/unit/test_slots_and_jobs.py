@@ -3,6 +3,8 @@ who to probe, who stalls. No DALI, no sockets, no subprocesses."""
 
 from __future__ import annotations
 
+import pytest
+
 from dalishare.producer.jobs import JobRegistry, JobState
 from dalishare.producer.slots import SlotTable
 from dalishare.wire.messages import Batch
@@ -13,11 +15,17 @@ def batch(seq: int, slot: int, epoch: int = 0, last: bool = False) -> Batch:
                  labels=b"", indices=b"", sent_ns=0)
 
 
+def write(table: SlotTable, k: int, b: Batch) -> None:
+    """Slot k goes to the stage worker for batch ``b`` and comes back filled."""
+    table.reserve(k, b.seq)
+    table.fill(k, b)
+
+
 def filled(count: int, holders: dict[int, list[int]]) -> SlotTable:
     """A table whose slot k holds batch k, held by the jobs listed for it."""
     table = SlotTable(count)
     for k in range(count):
-        table.fill(k, batch(k, k))
+        write(table, k, batch(k, k))
         for job in holders.get(k, []):
             table.hold(k, job, now=0.0)
     return table
@@ -27,7 +35,7 @@ def test_the_free_slot_is_the_one_holding_the_oldest_batch_and_held_slots_are_ne
     table = SlotTable(3)
     assert table.free_slot() == 0  # never written
     for k in range(3):
-        table.fill(k, batch(10 + k, k))
+        write(table, k, batch(10 + k, k))
     table.hold(0, job_id=1, now=0.0)
     assert table.free_slot() == 1
     table.hold(1, job_id=1, now=0.0)
@@ -46,7 +54,7 @@ def test_a_slot_is_free_once_every_holder_released_it_left_or_died():
 def test_writing_a_held_slot_is_refused():
     table = filled(1, {0: [1]})
     try:
-        table.fill(0, batch(5, 0))
+        write(table, 0, batch(5, 0))
     except RuntimeError as exc:
         assert "hold it" in str(exc)
     else:
@@ -70,10 +78,10 @@ def test_unread_batches_are_the_held_ones_newer_than_what_the_job_has_taken():
 def test_resident_batches_of_the_current_epoch_and_after_a_seq():
     table = SlotTable(4)
     for k, (epoch, last) in enumerate([(0, False), (0, True), (1, False), (1, False)]):
-        table.fill(k, batch(k, k, epoch, last))
+        write(table, k, batch(k, k, epoch, last))
     assert table.resident_of_current_epoch() == [2, 3]
     assert table.resident_after(1) == [2, 3]
-    table.fill(3, batch(3, 3, 1, last=True))
+    write(table, 3, batch(3, 3, 1, last=True))
     assert table.resident_of_current_epoch() == []  # the epoch is complete: a late job starts the next
 
 
