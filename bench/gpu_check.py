@@ -55,18 +55,24 @@ def versions() -> str:
             f"CuPy {cupy.__version__}, DALI {nvidia.dali.__version__}")
 
 
-def run_gpu_tests(timeout: float = 300) -> list[tuple[str, str, float, str]]:
-    """(test, outcome, seconds, message) for each test marked ``gpu`` (tests/gpu/test_gpu.py, tests/e2e/test_augment.py)."""
+GPU_TESTS = {  # label -> pytest arguments
+    "tests marked gpu": [str(ROOT / "tests"), "-m", "gpu"],  # tests/gpu/test_gpu.py, tests/e2e/test_augment.py
+    "stage worker tests on the GPU": [str(ROOT / "tests" / "e2e" / "test_worker.py"), "--device", "gpu"],
+}
+
+
+def run_gpu_tests(label: str, timeout: float = 300) -> list[tuple[str, str, float, str]]:
+    """(test, outcome, seconds, message) for each test of ``GPU_TESTS[label]``."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         try:
-            proc = subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "tests"), "-m", "gpu",
+            proc = subprocess.run([sys.executable, "-m", "pytest", *GPU_TESTS[label],
                                    "-q", "-p", "no:cacheprovider", f"--junitxml={report}"],
                                   cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return [("tests/gpu/test_gpu.py", "TIMEOUT", timeout, f"did not finish within {timeout:.0f} s")]
+            return [(label, "TIMEOUT", timeout, f"did not finish within {timeout:.0f} s")]
         if not report.exists():
-            return [("tests/gpu/test_gpu.py", "ERROR", 0.0, (proc.stdout + proc.stderr)[-300:])]
+            return [(label, "ERROR", 0.0, (proc.stdout + proc.stderr)[-300:])]
         rows = []
         for case in ET.parse(report).iter("testcase"):
             outcome, message = "passed", ""
@@ -118,7 +124,7 @@ def main() -> int:
 
     started = time.monotonic()
     device = versions()
-    tests = run_gpu_tests()
+    tests = [row for label in GPU_TESTS for row in run_gpu_tests(label)]
     t0 = time.monotonic()
     figures = throughput(args.data, args.batches)
     figures_s = time.monotonic() - t0

@@ -13,27 +13,53 @@ import pytest
 from helpers import CLASS_SIZES, make_dataset
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption("--device", default="cpu", choices=("cpu", "gpu"),
+                     help="where the stage worker tests (tests/e2e/test_worker.py) run the stage (default: cpu)")
+
+
+@pytest.fixture
+def stage_device(request) -> str:
+    """The ``--device`` the worker tests serve with; ``gpu`` skips where there is none."""
+    device = request.config.getoption("--device")
+    if device == "gpu":
+        from helpers import gpu_count
+
+        if not gpu_count(torch_too=False):
+            pytest.skip("--device gpu, and no CUDA GPU is visible here")
+    return device
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data"), CLASS_SIZES)
 
 
 def _children() -> list[str]:
-    """This test process's children, and any stage process (a producer's worker or probe) anywhere:
-    those are grandchildren, and must go with their producer however it ends."""
-    me, found = os.getpid(), []
+    """This test process's descendants (a producer's stage worker and probes are grandchildren),
+    and any orphaned stage process (one that outlived its producer)."""
+    me, procs = os.getpid(), {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z" and int(fields[1]) != me:  # a zombie of ours is a child not waited for
-            continue
-        if int(fields[1]) == me or "dalishare.producer.worker" in cmdline:
-            found.append(f"pid {proc.name} ({cmdline.strip()[:120]})")
-    return found
+        procs[int(proc.name)] = (int(fields[1]), fields[0], cmdline)
+
+    def descends(pid: int) -> bool:
+        for _ in range(64):
+            pid = procs.get(pid, (0,))[0]
+            if pid == me:
+                return True
+            if pid <= 1:
+                return False
+        return False
+
+    return [f"pid {pid} ({cmdline[:120]})" for pid, (ppid, state, cmdline) in procs.items()
+            if (descends(pid) and not (state == "Z" and ppid != me))  # a zombie of ours: a child not waited for
+            or (ppid == 1 and "dalishare.producer.worker" in cmdline)]
 
 
 def _segments() -> set[str]:

@@ -1,4 +1,5 @@
-"""The producer side: dataset, feed, the DALI stage, and the serve loop. Never imports torch."""
+"""The producer side: dataset, feed, slots, jobs and the serve loop (which never runs DALI), and the
+stage processes that do (worker.py, stage.py). Never imports torch."""
 
 from .options import ServeOptions
 from .server import Producer

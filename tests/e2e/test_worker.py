@@ -1,6 +1,9 @@
 """The stage runs in a supervised worker process (NOTE [ Stage worker protocol ]): a decoder that
 crashes, hangs or is killed costs the jobs a pause, never an error or a sample; a stage that cannot
-work ends the producer after bounded restarts, with the reason."""
+work ends the producer after bounded restarts, with the reason.
+
+On a GPU machine: ``python -m pytest tests/e2e/test_worker.py --device gpu`` serves the same tests
+from the GPU (DALI's mixed decoder, a device ring written by the worker through CUDA IPC)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import pytest
 from helpers import ROOT, Server, make_dataset
 from dalishare import DaliShareIterator
 from dalishare.errors import ProducerLost
+from dalishare.producer.dataset import epoch_order
 
 FAULTY = ROOT / "tests" / "helpers" / "stages" / "faulty.py"
 MARK = b"DALISHARE-TEST-FAULT"
@@ -47,13 +51,14 @@ def _worker_pid(server: Server, after: int = 0) -> int:
     pytest.fail(f"no new stage worker in the producer's log:\n{server.log()}")
 
 
-def test_a_decoder_that_crashes_natively_costs_only_its_files(tmp_path, monkeypatch):
+def test_a_decoder_that_crashes_natively_costs_only_its_files(tmp_path, monkeypatch, stage_device):
     monkeypatch.setenv("DALISHARE_TEST_FAULT", "crash-marked")
     data = make_dataset(tmp_path / "data", {"a": 12, "b": 12})
     names = _files(data)
-    culprits = {names[i] for i in (1, 6, 13, 20)}
+    first = int(epoch_order(len(names), seed=0, epoch=0)[0])  # in the first batch: a crash during start-up
+    culprits = {names[i] for i in {first, 1, 6, 13, 20}}
     _mark(data, list(culprits))
-    with Server(data, "--batch-size", "4", "--epochs", "2", pipeline=FAULTY) as server:
+    with Server(data, "--device", stage_device, "--batch-size", "4", "--epochs", "2", pipeline=FAULTY) as server:
         with DaliShareIterator("t", batch_size=3, attach_timeout=60) as loader:
             epochs = _read_epochs(loader, 2)
         assert server.wait(60) == 0, server.log()
@@ -64,13 +69,15 @@ def test_a_decoder_that_crashes_natively_costs_only_its_files(tmp_path, monkeypa
     for name in culprits:  # each culprit is reported once, as a crash
         assert len(re.findall(rf"excluded \S*{name} \(sample \d+\): crashed the decoder: SIGSEGV", log)) == 1, log
     assert "stage worker restarted" in log and "Traceback" not in log
+    assert log.index("lost with") < log.index("serving 't'")  # the first crash came while starting
 
 
-def test_a_worker_killed_from_outside_mid_batch_costs_the_jobs_nothing(tmp_path, monkeypatch):
+def test_a_worker_killed_from_outside_mid_batch_costs_the_jobs_nothing(tmp_path, monkeypatch, stage_device):
     monkeypatch.setenv("DALISHARE_TEST_FAULT", "slow")  # 10 ms per sample: a kill lands mid-batch
     data = make_dataset(tmp_path / "data", {"a": 20, "b": 20})
     rng = random.Random(0)
-    with Server(data, "--batch-size", "8", "--slots", "4", "--epochs", "3", pipeline=FAULTY) as server:
+    with Server(data, "--device", stage_device, "--batch-size", "8", "--slots", "4", "--epochs", "3",
+                pipeline=FAULTY) as server:
         with DaliShareIterator("t", batch_size=5, attach_timeout=60) as loader:
             epochs, pid = [], 0
             for _ in range(3):
@@ -90,13 +97,15 @@ def test_a_worker_killed_from_outside_mid_batch_costs_the_jobs_nothing(tmp_path,
     assert "excluded" not in log  # a kill is nobody's file's fault
 
 
-def test_a_worker_that_hangs_past_the_stage_timeout_is_replaced_and_its_file_excluded(tmp_path, monkeypatch):
+def test_a_worker_that_hangs_past_the_stage_timeout_is_replaced_and_its_file_excluded(tmp_path, monkeypatch,
+                                                                                       stage_device):
     monkeypatch.setenv("DALISHARE_TEST_FAULT", "hang-marked")
     data = make_dataset(tmp_path / "data", {"a": 8, "b": 8})
     names = _files(data)
     _mark(data, [names[5]])
     start = time.monotonic()
-    with Server(data, "--batch-size", "4", "--epochs", "1", "--stage-timeout", "2", pipeline=FAULTY) as server:
+    with Server(data, "--device", stage_device, "--batch-size", "4", "--epochs", "1", "--stage-timeout", "2",
+                pipeline=FAULTY) as server:
         with DaliShareIterator("t", batch_size=4, attach_timeout=60) as loader:
             (seen,) = _read_epochs(loader, 1)
         assert server.wait(60) == 0, server.log()
@@ -107,11 +116,12 @@ def test_a_worker_that_hangs_past_the_stage_timeout_is_replaced_and_its_file_exc
     assert time.monotonic() - start < 40
 
 
-def test_a_stage_that_crashes_on_every_batch_ends_the_producer_after_bounded_restarts(tmp_path, monkeypatch):
+def test_a_stage_that_crashes_on_every_batch_ends_the_producer_after_bounded_restarts(tmp_path, monkeypatch,
+                                                                                      stage_device):
     monkeypatch.setenv("DALISHARE_TEST_FAULT", "crash-always")
     data = make_dataset(tmp_path / "data", {"a": 6, "b": 6})
     start = time.monotonic()
-    with Server(data, "--batch-size", "4", pipeline=FAULTY) as server:
+    with Server(data, "--device", stage_device, "--batch-size", "4", pipeline=FAULTY) as server:
         with pytest.raises(ProducerLost, match=r"stopped before it served a batch: StageFailed: the stage worker "
                                                r"failed 4 times in a row and no file explains it"):
             DaliShareIterator("t", batch_size=4, attach_timeout=60)
@@ -122,10 +132,10 @@ def test_a_stage_that_crashes_on_every_batch_ends_the_producer_after_bounded_res
     assert time.monotonic() - start < 60
 
 
-def test_a_job_that_attaches_during_a_slow_start_waits_and_is_told_why(tmp_path, monkeypatch, caplog):
+def test_a_job_that_attaches_during_a_slow_start_waits_and_is_told_why(tmp_path, monkeypatch, caplog, stage_device):
     monkeypatch.setenv("DALISHARE_TEST_FAULT", "slow-start")  # the stage takes 4 s to import
     data = make_dataset(tmp_path / "data", {"a": 5, "b": 5})
-    with Server(data, "--batch-size", "4", "--epochs", "1", pipeline=FAULTY) as server:
+    with Server(data, "--device", stage_device, "--batch-size", "4", "--epochs", "1", pipeline=FAULTY) as server:
         with caplog.at_level("INFO", logger="dalishare"):
             with DaliShareIterator("t", batch_size=4, attach_timeout=1) as loader:  # shorter than the start
                 (seen,) = _read_epochs(loader, 1)
@@ -146,7 +156,7 @@ def test_a_stage_that_does_not_import_fails_the_producer_at_once_with_its_error(
     assert "restarted" not in log
 
 
-def test_a_corpus_of_broken_jpegs_is_served_ten_times_in_a_row_without_a_producer_death(tmp_path):
+def test_a_corpus_of_broken_jpegs_is_served_ten_times_in_a_row_without_a_producer_death(tmp_path, stage_device):
     from dalishare.testing import corrupt_jpegs
 
     data = make_dataset(tmp_path / "data", {"good": 40})
@@ -156,7 +166,7 @@ def test_a_corpus_of_broken_jpegs_is_served_ten_times_in_a_row_without_a_produce
     assert len(broken) >= 100
     served_sets = []
     for run in range(10):
-        with Server(data, "--batch-size", "16", "--epochs", "1") as server:
+        with Server(data, "--device", stage_device, "--batch-size", "16", "--epochs", "1") as server:
             with DaliShareIterator("t", batch_size=16, attach_timeout=60) as loader:
                 (seen,) = _read_epochs(loader, 1)
             code = server.wait(120)

@@ -51,14 +51,26 @@ def test_a_slot_is_free_once_every_holder_released_it_left_or_died():
     assert table.holders() == set() and table.held_count() == 0
 
 
-def test_writing_a_held_slot_is_refused():
+def test_a_held_slot_is_never_given_to_the_worker_and_a_slot_is_filled_only_by_its_task():
     table = filled(1, {0: [1]})
-    try:
-        write(table, 0, batch(5, 0))
-    except RuntimeError as exc:
-        assert "hold it" in str(exc)
-    else:
-        raise AssertionError("a held slot was written")
+    with pytest.raises(RuntimeError, match="hold it"):
+        table.reserve(0, 5)
+    table.release(1, seq=0)
+    table.reserve(0, 5)
+    assert table.free_slot() is None and table.slots[0].batch is None  # being written: not free, not resident
+    with pytest.raises(RuntimeError, match="reserved for 5"):
+        table.fill(0, batch(6, 0))
+    table.fill(0, batch(5, 0))
+    assert table.free_slot() == 0 and table.slots[0].batch.seq == 5
+
+
+def test_a_slot_whose_task_was_lost_is_free_again_and_holds_nothing():
+    table = SlotTable(2)
+    write(table, 0, batch(0, 0))
+    table.reserve(1, 1)
+    table.unreserve(1)
+    assert table.free_slot() == 1 and table.slots[1].batch is None
+    assert table.resident_after(-1) == [0]
 
 
 def test_suspension_keeps_the_oldest_k_holds_and_frees_the_rest():
