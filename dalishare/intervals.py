@@ -33,6 +33,10 @@ first batch (DALI's import, a GPU warming up) and a batch of big images on a slo
 WORKER_QUIT_S = 2.0
 """How long a stopping producer waits for its stage worker to leave after ``Quit`` before SIGKILL."""
 
+STAGE_REAP_S = 10.0
+"""How long the producer waits for a SIGKILLed stage process to be gone (a GPU context may take a
+while to tear down); one stuck longer in the kernel is left to be reaped when it returns."""
+
 RESTART_BACKOFF_S = 0.5
 """The first pause before restarting a stage worker whose failure no file explained; it doubles
 with each further such failure in a row (producer/restarts.py)."""

@@ -52,10 +52,15 @@ class EpochFeed:
         """The epoch of the next plan."""
         return self._epoch + (self._pos == len(self._order))
 
-    def next_plan(self) -> Plan:
+    def position(self) -> tuple[int, int]:
+        """(epoch, position in its order) of the next plan's first sample."""
+        return (self._epoch, self._pos)
+
+    def next_plan(self, limit: int | None = None) -> Plan:
+        """The next batch: ``batch_size`` samples, or ``limit`` (fewer), or the rest of the epoch."""
         if self._pos == len(self._order):
             self._start_epoch(self._epoch + 1)
-        indices = self._order[self._pos : self._pos + self.batch_size]
+        indices = self._order[self._pos : self._pos + min(self.batch_size, limit or self.batch_size)]
         last = self._pos + len(indices) == len(self._order)
         plan = Plan(self._epoch, self._pos, indices, self.dataset.labels[indices], last, self._order)
         self._pos += len(indices)

@@ -33,18 +33,17 @@ class CrashLoop:
         self.in_a_row = 0
 
 
-def judge(probed: list[int], failures: dict[int, str], control: int | None, unreadable: set[int] = frozenset()
+def judge(probed: list[int], failures: dict[int, str], stage_works: bool, unreadable: set[int] = frozenset()
           ) -> dict[int, str]:
-    """The culprits of a probe round: the files that failed alone, unless the round says the stage
-    rather than the data is at fault: the control (a file the stage decoded before) failed to
-    decode too, or every file probed failed to decode (a stage that fails on everything explains
-    nothing about the files). A file that cannot be read (gone, empty) is always its own fault."""
-    culprits = {i: why for i, why in failures.items() if i in unreadable}
-    if control is not None and control in failures and control not in unreadable:
+    """The culprits of a probe round: the ``probed`` files that failed alone. ``stage_works``: a
+    control file decoded in the same round, so the failures are the files' own. Without that proof,
+    a round where every file that could be read failed to decode blames the stage, not the files (a
+    stage that fails on everything explains nothing about them). A file that cannot be read (gone,
+    empty) is always its own fault."""
+    culprits = {i: why for i, why in failures.items() if i in probed}
+    if stage_works:
         return culprits
-    decoded = [i for i in probed if i != control and i not in unreadable]
-    undecodable = {i: why for i, why in failures.items() if i in decoded}
-    if control is None and len(decoded) > 1 and len(undecodable) == len(decoded):
-        return culprits
-    culprits.update(undecodable)
+    decoded = [i for i in probed if i not in unreadable]
+    if len(decoded) > 1 and all(i in failures for i in decoded):
+        return {i: why for i, why in culprits.items() if i in unreadable}
     return culprits

@@ -90,6 +90,9 @@ class Producer:
         self._ring = None
         self._supervisor: StageSupervisor | None = None
         self._told_jobs = False  # the farewell Stop went out
+        # (epoch, position) up to which lost batches are re-made one file per task, one at a time,
+        # after a failure no single file explained (two files that only fail together); None: normal
+        self._careful_until: tuple[int, int] | None = None
         self._next_starting = 0.0  # when to repeat Starting to the jobs that wait
 
     @property
@@ -159,7 +162,7 @@ class Producer:
         they hold: freeing memory another process still reads is undefined behaviour in CUDA."""
         deadline = time.monotonic() + timeout
         while self._slots.held_count() and time.monotonic() < deadline:
-            self._handle_messages(timeout_ms=20)
+            self._handle_messages(timeout_ms=20, wake_for_stage=False)  # the stage's messages wait: we stop
             self._detach_dead()
         if self._slots.held_count():
             log.warning("freeing the device ring while jobs still hold %d slot(s); they were told to stop",
@@ -219,8 +222,11 @@ class Producer:
         """Whether to hand the worker a task now."""
         if self._supervisor is None or self._supervisor.room() <= 0:
             return False
-        if self.phase is Phase.MEASURING:
-            return not self._supervisor.in_flight()  # one task, whose batch sizes the ring
+        if self.phase is Phase.MEASURING or self._careful_until is not None:
+            if self._supervisor.in_flight():  # one task at a time: the one whose batch sizes the ring, or a careful one
+                return False
+            if self.phase is Phase.MEASURING:
+                return True
         if self._final_epoch_fed() or not self._jobs.active():  # nothing more, or nobody to produce for
             return False
         if not self._started and len(self._jobs) < self.options.min_consumers:
@@ -228,14 +234,18 @@ class Producer:
         return self._slots.free_slot() is not None
 
     def _submit(self) -> None:
-        plan = self._feed.next_plan()
+        careful = self._careful_until is not None
+        plan = self._feed.next_plan(limit=1 if careful else None)
         k = -1  # measuring: the worker writes nothing
         if self.phase is Phase.SERVING:
             k = self._slots.free_slot()
             self._slots.reserve(k, self._seq)
             self._ring.mark(k, -1)
-        self._supervisor.submit(self._seq, k, plan.indices.tolist(), plan)
+        self._supervisor.submit(self._seq, k, plan.indices.tolist(), plan, careful=careful)
         self._seq += 1
+        if careful and self._feed.position() >= self._careful_until:
+            self._careful_until = None
+            log.info("the batches lost without a culprit are made again; back to whole batches")
 
     def _on_filled(self, event: Done) -> None:
         task, plan = event.done.task, event.done.plan
@@ -273,6 +283,11 @@ class Producer:
                 self._slots.unreserve(lost.task.slot)
         if event.tasks:
             self._feed.rewind(event.tasks[0].plan)
+        if event.tasks and not event.culprits:  # no file alone explains it: maybe files together do
+            last = event.tasks[-1].plan
+            self._careful_until = max(self._careful_until or (0, 0), (last.epoch, last.start + len(last.indices)))
+            log.warning("no file explains the failure: making the %d lost batches again one file at a time",
+                        len(event.tasks))
 
     def _open_ring(self, first: Done) -> None:
         """The first batch's shape is known: create the ring, give it to the worker, welcome the
@@ -308,8 +323,8 @@ class Producer:
 
     # -- control messages: NOTE [ Control protocol ] in wire/messages.py --------------------------
 
-    def _handle_messages(self, timeout_ms: int) -> None:
-        wake = self._supervisor.links() if self._supervisor is not None else ()
+    def _handle_messages(self, timeout_ms: int, wake_for_stage: bool = True) -> None:
+        wake = self._supervisor.links() if self._supervisor is not None and wake_for_stage else ()
         for identity, msg in self._channel.receive(timeout_ms, wake):
             self._dispatch(identity, msg)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import StageError, StageFailed
-from ..intervals import WORKER_QUIT_S
+from ..intervals import STAGE_REAP_S, WORKER_QUIT_S
 from ..wire.stage import Failed, Fatal, Filled, MapRing, Probe, Probed, Probing, Quit, Ready, Setup, StageLink, Task
 from .options import ServeOptions
 from .restarts import CrashLoop, judge
@@ -66,7 +66,7 @@ class StageProcess:
             self.popen.kill()
         self.link.close()
         try:
-            code = self.popen.wait(WORKER_QUIT_S)
+            code = self.popen.wait(STAGE_REAP_S)
         except subprocess.TimeoutExpired:  # stuck in the kernel (a GPU driver call): reaped when it returns
             log.warning("stage process pid %d does not die after SIGKILL; going on without it", self.pid)
             return "stuck after SIGKILL"
@@ -90,6 +90,7 @@ class InFlight:
     task: Task
     indices: list[int]  # dataset indices of task.files
     plan: object        # the server's plan of the batch, handed back in `Done` / `Lost`
+    careful: bool = False  # a one-file task re-made after a failure no file explained
 
 
 @dataclass
@@ -112,19 +113,21 @@ class Lost:
 
 
 class ProbeRun:
-    """Decode ``indices`` one by one in throwaway processes: a file that raises, crashes its probe or
-    hangs it for the stage timeout fails. A probe that dies on a file other than its first does not
-    blame it: the next probe starts at that file, so only a file decoded first in a fresh process is
-    blamed for a crash. ``control`` (a file the stage decoded before) goes first: if it fails, the
-    stage is at fault and the run stops."""
+    """Decode ``controls`` then ``suspects`` one by one in throwaway processes. A suspect that raises,
+    crashes its probe or hangs it for the stage timeout fails. A probe that dies on a file other than
+    its first does not blame it: the next probe starts at that file, so only a file decoded first in
+    a fresh process is blamed for a crash. The controls are files the stage should decode (one it
+    decoded before, or a few others when none is known yet): the first that decodes proves the stage
+    works (``control``); if none does, the stage is at fault and the run stops before the suspects."""
 
-    def __init__(self, stage: str, device: str, files: list[Path], indices: list[int], control: int | None,
+    def __init__(self, stage: str, device: str, files: list[Path], suspects: list[int], controls: list[int],
                  timeout: float):
         self.stage, self.device, self.files, self.timeout = stage, device, files, timeout
-        self.control = control
-        self.indices = ([control] if control is not None else []) + [i for i in indices if i != control]
-        self.failures: dict[int, str] = {}  # dataset index -> why it failed alone
+        self.controls = [c for c in controls if c not in suspects] if suspects else []
+        self.indices = self.controls + list(dict.fromkeys(suspects))
+        self.failures: dict[int, str] = {}  # suspect's dataset index -> why it failed alone
         self.unreadable: set[int] = set()   # those of them that could not even be read
+        self.control: int | None = None     # a control that decoded: the stage works
         self.position = 0   # indices[position] is the first not yet decided
         self.broken = ""    # set when the run proves nothing about the files (why)
         self.process: StageProcess | None = None
@@ -135,6 +138,11 @@ class ProbeRun:
     @property
     def done(self) -> bool:
         return self.process is None and (self.position >= len(self.indices) or bool(self.broken))
+
+    @property
+    def probed(self) -> list[int]:
+        """The suspects decided so far."""
+        return [i for i in self.indices[len(self.controls) : self.position]]
 
     def poll(self, now: float) -> None:
         if self.done:
@@ -149,31 +157,37 @@ class ProbeRun:
                 if isinstance(msg, Probing):
                     self._current = self._first + msg.index
                 elif isinstance(msg, Probed):
-                    if msg.unreadable:
-                        self.unreadable.add(self.indices[self._first + msg.index])
-                    self._decided(self._first + msg.index, msg.error)
+                    self._decided(self._first + msg.index, msg.error, msg.unreadable)
                 elif isinstance(msg, Fatal):
                     raise StageError(f"the stage failed in a probe process: {msg.reason}")
-            if self.position >= len(self.indices):
+            if self.done or self.position >= len(self.indices):
                 self._end_process()
             elif now - self.process.heard > self.timeout:
                 self._end_process(f"hung the decoder for more than {self.timeout:g} s")
         except EOFError:
             self._end_process()
 
-    def _decided(self, position: int, error: str) -> None:
+    def _decided(self, position: int, error: str, unreadable: bool = False) -> None:
+        index = self.indices[position]
+        self.position, self._current = position + 1, None
+        if position < len(self.controls):
+            if not error and self.control is None:
+                self.control = index
+            if self.position == len(self.controls) and self.control is None:
+                self.broken = f"the stage failed on {len(self.controls)} file(s) it should decode ({error})"
+            return
         if error:
-            self.failures[self.indices[position]] = error
-        self.position = position + 1
-        self._current = None
-        if error and self.indices[position] == self.control and self.control not in self.unreadable:
-            self.broken = f"the stage failed on a file it decoded before ({error})"
+            self.failures[index] = error
+            if unreadable:
+                self.unreadable.add(index)
 
     def _end_process(self, hung: str = "") -> None:
+        if self.process is None:
+            return
         how = self.process.end()
         self.process, current = None, self._current
-        if current is None:  # it ended between files: after its last one, or before its first
-            if self.position < len(self.indices) and not self.broken:
+        if current is None:  # it ended between files
+            if self.position == self._first and self.position < len(self.indices) and not self.broken:
                 self.broken = f"a probe {hung or how} before it decoded any file"
         elif current == self._first:
             self._decided(current, hung or f"crashed the decoder: {how.removeprefix('killed by ')}")
@@ -197,8 +211,9 @@ class StageSupervisor:
         self.phase = WorkerPhase.WAITING
         self.crash_loop = CrashLoop()
         self.restarts = 0    # workers started after the first
-        self.probed: set[int] = set()    # files probed once (they passed, or their round blamed the stage): never again
-        self.control: int | None = None  # a file of a filled batch: probed first, to tell the stage from the data
+        self.cleared: set[int] = set()   # files a probe decoded alone: not probed again
+        self.control: int | None = None  # a file the stage decoded (in a filled batch or a probe): probed first
+        self._lost_by_kill = False  # the worker was SIGKILLed by someone else: an OOM kill, an operator
         self._worker: _Worker | None = None
         self._probes: ProbeRun | None = None
         self._lost: list[InFlight] = []   # tasks of the lost worker while its files are probed; [] once in a `Lost`
@@ -222,9 +237,13 @@ class StageSupervisor:
         """Tasks sent and not handed back yet: with the worker, or lost with it and not yet in a `Lost`."""
         return (len(self._worker.tasks) if self._worker else 0) + len(self._lost)
 
-    def submit(self, seq: int, slot: int, indices: list[int], plan) -> None:
+    def submit(self, seq: int, slot: int, indices: list[int], plan, careful: bool = False) -> None:
+        """Send the worker a task. ``careful``: one file, re-made after a failure no file explained;
+        if it fails the worker, that file is blamed even if it decodes alone."""
         task = Task(seq, slot, [str(self.files[i]) for i in indices])
-        self._worker.tasks.append(InFlight(task, list(indices), plan))
+        if not self._worker.tasks:
+            self._worker.process.heard = time.monotonic()  # idle until now: the stage timeout starts here
+        self._worker.tasks.append(InFlight(task, list(indices), plan, careful))
         self._worker.process.link.send(task)  # a worker gone meanwhile is found by poll()
 
     def map_ring(self, ring: dict) -> None:
@@ -290,7 +309,7 @@ class StageSupervisor:
                 elif isinstance(msg, Fatal):
                     raise StageError(f"{self.stage}: {msg.reason}")
         except EOFError:
-            self._worker_lost(worker.failure or "the stage worker {how}")
+            self._worker_lost(worker.failure or "the stage worker {how}", died=not worker.failure)
             return
         busy = worker.tasks or self.phase == WorkerPhase.STARTING
         if busy and now - worker.process.heard > self.options.stage_timeout:
@@ -304,25 +323,42 @@ class StageSupervisor:
         self.control = head.indices[0] if head.indices else self.control
         self._events.append(Done(head, msg.sample_shape, msg.dtype))
 
-    def _worker_lost(self, reason: str) -> None:
+    def _worker_lost(self, reason: str, died: bool = False) -> None:
+        """``reason`` may say ``{how}`` it ended; ``died``: it ended by itself (no report, no hang)."""
         worker, self._worker = self._worker, None
         how = worker.process.end()
         self._lost, self._lost_reason = list(worker.tasks), reason.replace("{how}", how)
+        self._lost_by_kill = died and how == "killed by SIGKILL"
         log.warning("stage worker pid %d lost with %d batches in flight: %s", worker.process.pid,
                     len(self._lost), self._lost_reason)
-        suspects = [i for t in self._lost for i in t.indices if i not in self.probed]
+        lost = {i for t in self._lost for i in t.indices}
+        suspects = [i for t in self._lost for i in t.indices if i not in self.cleared]
         self._probes = ProbeRun(self.stage, self.options.device, self.files, suspects,
-                                self.control if suspects else None, self.options.stage_timeout)
+                                self._controls(lost), self.options.stage_timeout)
         self.phase = WorkerPhase.PROBING
+
+    def _controls(self, lost: set[int], count: int = 3) -> list[int]:
+        """Files to probe first, to tell a broken stage from bad files: the last one the stage
+        decoded, else a few spread over the dataset outside the lost batches."""
+        if self.control is not None and self.control not in lost:
+            return [self.control]
+        stride = max(1, len(self.files) // (4 * count))
+        spread = [i for i in range(0, len(self.files), stride) if i not in lost]
+        return list(dict.fromkeys([i for i in self.cleared if i not in lost][:count] + spread[:count]))
 
     def _after_probes(self) -> None:
         run, self._probes = self._probes, None
-        probed = [i for i in run.indices[: run.position]]
-        culprits = {} if run.broken else judge(probed, run.failures, run.control, run.unreadable)
-        self.probed.update(probed)
+        culprits = {} if run.broken else judge(run.probed, run.failures, run.control is not None, run.unreadable)
+        self.cleared.update(i for i in run.probed if i not in run.failures)
+        if run.control is not None:
+            self.control = run.control
+        if not run.broken and not self._lost_by_kill:  # a careful task's file failed the worker alone
+            for lost in self._lost:
+                if lost.careful and lost.indices[0] not in culprits:
+                    culprits[lost.indices[0]] = f"{self._lost_reason} (in a batch of its own; it decodes in a fresh process)"
         if run.indices:
-            log.info("probed %d files in %d processes: %d to exclude%s", len(probed), run.processes, len(culprits),
-                     f" ({run.broken})" if run.broken else "")
+            log.info("probed %d files in %d processes: %d to exclude%s", len(run.probed), run.processes,
+                     len(culprits), f" ({run.broken})" if run.broken else "")
         self._events.append(Lost(self._lost, culprits, self._lost_reason))
         self._lost = []
         pause = self.crash_loop.failed(explained=bool(culprits))

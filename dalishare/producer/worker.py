@@ -50,7 +50,11 @@ def serve_tasks(link: StageLink, setup: Setup) -> None:
     except Exception as exc:  # its graph does not build
         link.send(Fatal(f"the stage's pipeline does not build: {one_line(exc)}"))
         return
-    writer = open_writer(RingLayout.from_wire(setup.ring)) if setup.ring else None
+    try:
+        writer = open_writer(RingLayout.from_wire(setup.ring)) if setup.ring else None
+    except Exception as exc:  # the segment is gone, or the GPU cannot open the IPC handle
+        link.send(Failed(-1, f"cannot map the ring: {one_line(exc)}"))
+        return
     link.send(Ready(os.getpid()))
     scheduled: deque[Task] = deque()  # fed to DALI, output not taken yet; in the order received
     while True:
@@ -59,7 +63,11 @@ def serve_tasks(link: StageLink, setup: Setup) -> None:
             if isinstance(msg, Quit):
                 return
             if isinstance(msg, MapRing):
-                writer = open_writer(RingLayout.from_wire(msg.ring))
+                try:
+                    writer = open_writer(RingLayout.from_wire(msg.ring))
+                except Exception as exc:
+                    link.send(Failed(-1, f"cannot map the ring: {one_line(exc)}"))
+                    return
             elif isinstance(msg, Task):
                 try:
                     pipe.feed_input("encoded", read_encoded(Path(f) for f in msg.files))
@@ -86,6 +94,9 @@ def _fill(link: StageLink, pipe, writer, task: Task) -> bool:
             writer.write(task.slot, batch)
     except (ConfigError, ValueError) as exc:  # varying shapes, or a batch bigger than the ring's slots
         link.send(Fatal(str(exc)))
+        return False
+    except Exception as exc:  # the copy failed (a CUDA error): this worker is done
+        link.send(Failed(task.seq, f"writing slot {task.slot} failed: {one_line(exc)}"))
         return False
     pipe.release_outputs()
     return link.send(Filled(task.seq, task.slot, list(batch.sample_shape), batch.dtype.name))

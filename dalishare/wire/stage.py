@@ -121,6 +121,9 @@ class Probed:
     unreadable: bool    # the error came from reading the file (gone, empty), before the stage ran
 
 
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux's value; Python does not name it
+LINK_BUFFER_BYTES = 4 << 20  # a Task of ~40,000 paths; without root the kernel may cap it (wmem_max)
+
 STAGE_MESSAGES = {cls.__name__.lower(): cls for cls in
                   (Setup, MapRing, Task, Quit, Ready, Filled, Failed, Fatal, Probe, Probing, Probed)}
 
@@ -136,6 +139,11 @@ class StageLink:
     def pair(cls) -> tuple["StageLink", int]:
         """The producer's end, and the fd of the other end for the child (close it after the spawn)."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (mine, theirs):  # room for a whole task or probe list, so a send does not wait for the reader
+            try:
+                end.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, LINK_BUFFER_BYTES)  # root may exceed wmem_max
+            except OSError:
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_BUFFER_BYTES)
         return cls(mine.detach()), theirs.detach()
 
     def fileno(self) -> int:

@@ -116,6 +116,49 @@ def test_a_worker_that_hangs_past_the_stage_timeout_is_replaced_and_its_file_exc
     assert time.monotonic() - start < 40
 
 
+def test_files_that_crash_only_together_are_made_again_one_by_one_and_all_served(tmp_path, monkeypatch,
+                                                                                  stage_device):
+    monkeypatch.setenv("DALISHARE_TEST_FAULT", "crash-pairs")
+    data = make_dataset(tmp_path / "data", {"a": 10, "b": 10})
+    names = _files(data)
+    order = epoch_order(len(names), seed=0, epoch=0)
+    _mark(data, [names[int(i)] for i in order[4:6]])  # together in the second batch; each fine alone
+    with Server(data, "--device", stage_device, "--batch-size", "4", "--epochs", "2", pipeline=FAULTY) as server:
+        with DaliShareIterator("t", batch_size=4, attach_timeout=60) as loader:
+            epochs = _read_epochs(loader, 2)
+        assert server.wait(60) == 0, server.log()
+    for seen in epochs:
+        assert sorted(seen) == list(range(20))  # nothing excluded, nothing lost
+    log = server.log()
+    assert "excluded" not in log and "one file at a time" in log
+
+
+def test_a_first_batch_of_bad_files_is_blamed_on_the_files_not_the_stage(tmp_path, stage_device):
+    data = make_dataset(tmp_path / "data", {"a": 10, "b": 10})
+    names = _files(data)
+    order = epoch_order(len(names), seed=0, epoch=0)
+    paths = sorted(data.rglob("*.jpg"))
+    for i in order[:2]:  # the whole first batch, which sizes the ring: no batch decoded yet to compare
+        paths[int(i)].write_bytes(paths[int(i)].read_bytes()[:200])
+    with Server(data, "--device", stage_device, "--batch-size", "2", "--epochs", "1") as server:
+        with DaliShareIterator("t", batch_size=2, attach_timeout=60) as loader:
+            (seen,) = _read_epochs(loader, 1)
+        assert server.wait(60) == 0, server.log()
+    assert sorted(seen) == sorted(set(range(20)) - {int(i) for i in order[:2]})
+
+
+def test_a_worker_idle_past_the_stage_timeout_is_not_taken_for_hung(tmp_path, stage_device):
+    data = make_dataset(tmp_path / "data", {"a": 6, "b": 6})
+    with Server(data, "--device", stage_device, "--batch-size", "4", "--epochs", "1", "--stage-timeout", "1.5",
+                "--min-consumers", "1") as server:
+        time.sleep(4)  # the worker measured the first batch and waits, with no job to produce for
+        with DaliShareIterator("t", batch_size=4, attach_timeout=60) as loader:
+            (seen,) = _read_epochs(loader, 1)
+        assert server.wait(60) == 0, server.log()
+    assert sorted(seen) == list(range(12))
+    assert "lost" not in server.log() and "restarted" not in server.log()
+
+
 def test_a_stage_that_crashes_on_every_batch_ends_the_producer_after_bounded_restarts(tmp_path, monkeypatch,
                                                                                       stage_device):
     monkeypatch.setenv("DALISHARE_TEST_FAULT", "crash-always")

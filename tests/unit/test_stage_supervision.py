@@ -38,20 +38,20 @@ def test_a_filled_batch_ends_a_row_of_unexplained_failures():
 
 
 def test_the_files_that_fail_alone_are_the_culprits():
-    assert judge([1, 2, 3, 4], {2: "crashed the decoder: SIGSEGV"}, control=None) == {2: "crashed the decoder: SIGSEGV"}
-    assert judge([9, 1, 2], {1: "bad"}, control=9) == {1: "bad"}
+    assert judge([1, 2, 3, 4], {2: "crashed the decoder: SIGSEGV"}, stage_works=False) == {2: "crashed the decoder: SIGSEGV"}
+    assert judge([1, 2], {1: "bad"}, stage_works=True) == {1: "bad"}
 
 
-def test_a_stage_that_fails_on_everything_or_on_a_file_it_decoded_before_blames_no_file():
-    assert judge([1, 2, 3], {1: "x", 2: "x", 3: "x"}, control=None) == {}
-    assert judge([9, 1, 2], {9: "x", 1: "x"}, control=9) == {}
-    assert judge([9, 1, 2], {1: "x", 2: "x"}, control=9) == {1: "x", 2: "x"}  # the control passed: the files' fault
-    assert judge([1], {1: "x"}, control=None) == {1: "x"}  # one file alone cannot tell: blame it
+def test_without_a_control_that_decoded_a_round_where_everything_fails_blames_no_file():
+    assert judge([1, 2, 3], {1: "x", 2: "x", 3: "x"}, stage_works=False) == {}
+    assert judge([1, 2, 3], {1: "x", 2: "x", 3: "x"}, stage_works=True) == {1: "x", 2: "x", 3: "x"}
+    assert judge([1], {1: "x"}, stage_works=False) == {1: "x"}  # one file alone cannot tell: blame it
 
 
 def test_a_file_that_cannot_be_read_is_always_its_own_fault():
-    gone = {1: "FileNotFoundError: x", 2: "FileNotFoundError: y", 9: "FileNotFoundError: z"}
-    assert judge([9, 1, 2], gone, control=9, unreadable={1, 2, 9}) == gone
+    gone = {1: "FileNotFoundError: x", 2: "FileNotFoundError: y"}
+    assert judge([1, 2], gone, stage_works=False, unreadable={1, 2}) == gone
+    assert judge([1, 2, 3], gone | {3: "bad"}, stage_works=False, unreadable={1, 2}) == gone | {3: "bad"}
 
 
 def _dataset(n: int) -> Dataset:

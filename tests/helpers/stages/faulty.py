@@ -4,6 +4,7 @@ producer's environment reaches its stage worker and probes):
 - ``crash-marked``: segfault (through ctypes) on every file that contains MARK;
 - ``hang-marked``: sleep forever on them;
 - ``crash-always``: segfault on every file;
+- ``crash-pairs``: segfault on a batch that holds two or more marked files (each decodes alone);
 - ``slow``: take SLOW_S per sample, so a test can kill the worker in the middle of a batch;
 - ``slow-start``: take SLOW_START_S to import (a big stage, a GPU warming up).
 
@@ -25,19 +26,19 @@ if FAULT == "slow-start":
     time.sleep(SLOW_START_S)
 
 
-def _misbehave(encoded):
-    marked = MARK in encoded.tobytes()
-    if FAULT == "crash-always" or (FAULT == "crash-marked" and marked):
+def _misbehave(batch):
+    marked = sum(MARK in encoded.tobytes() for encoded in batch)
+    if FAULT == "crash-always" or (FAULT == "crash-marked" and marked) or (FAULT == "crash-pairs" and marked >= 2):
         ctypes.string_at(0)  # reads address 0: SIGSEGV
     if FAULT == "hang-marked" and marked:
         while True:
             time.sleep(1)
     if FAULT == "slow":
-        time.sleep(SLOW_S)
-    return encoded
+        time.sleep(SLOW_S * len(batch))
+    return batch
 
 
 def stage(jpegs, decoder_device):
-    jpegs = fn.python_function(jpegs, function=_misbehave)
+    jpegs = fn.python_function(jpegs, function=_misbehave, batch_processing=True)
     images = fn.decoders.image(jpegs, device=decoder_device)
     return fn.resize(images, size=[32, 32])
