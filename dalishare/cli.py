@@ -7,6 +7,7 @@ import faulthandler
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from .errors import DalishareError
 from .intervals import SHUTDOWN_LIMIT_S
@@ -39,6 +40,30 @@ def _cleanup(args: argparse.Namespace) -> None:
 
     removed = clean_stale(args.name)
     print(f"removed {len(removed)} stale files" + "".join(f"\n  {p}" for p in removed))
+
+
+def _cache_list(args: argparse.Namespace) -> None:
+    from .shm.cache import list_caches
+
+    found = list_caches(args.dir)
+    print(f"{len(found)} cache files in {args.dir}")
+    for path, layout, valid in found:
+        if layout is None:
+            print(f"  {path.name}: not a complete cache file (remove it)")
+        else:
+            size = path.stat().st_blocks * 512
+            print(f"  {path.name}: {valid}/{layout.samples} samples of {layout.sample_shape} {layout.dtype}, "
+                  f"{size / 2**30:.2f} GiB on disk, key {layout.key[:12]}")
+
+
+def _cache_remove(args: argparse.Namespace) -> None:
+    from .shm.cache import list_caches
+
+    removed = [path for path, layout, _ in list_caches(args.dir)
+               if args.all or (layout is not None and layout.key.startswith(args.key or "\0"))]
+    for path in removed:
+        path.unlink()
+    print(f"removed {len(removed)} cache files" + "".join(f"\n  {p}" for p in removed))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -76,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup = sub.add_parser("cleanup", help="remove segments and sockets left by dead producers")
     cleanup.add_argument("--name", default=None, help="only this producer name (default: all)")
     cleanup.set_defaults(func=_cleanup)
+
+    cache = sub.add_parser("cache", help="list or remove decoded-sample caches kept in a folder")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    listing = cache_sub.add_parser("list", help="the cache files in DIR, with their fill and size")
+    listing.add_argument("dir", type=Path, help="the folder given to --cache")
+    listing.set_defaults(func=_cache_list)
+    remove = cache_sub.add_parser("remove", help="remove cache files from DIR")
+    remove.add_argument("dir", type=Path, help="the folder given to --cache")
+    which = remove.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key", help="the cache whose key starts with this (as `cache list` shows it)")
+    which.add_argument("--all", action="store_true", help="every cache file in DIR")
+    remove.set_defaults(func=_cache_remove)
 
     demo = sub.add_parser("demo", help="one producer, three training jobs, and the same jobs loading alone")
     demo.add_argument("--images-per-class", type=int, default=96)

@@ -127,6 +127,8 @@ class DaliShareIterator:
                                 doc="files the producer excluded because DALI cannot decode them")
     missed_samples = property(lambda self: self._counters.missed,
                               doc="samples skipped while this job was suspended for stalling")
+    suspensions = property(lambda self: self._session.suspensions,
+                           doc="times the producer suspended this job for stalling (this attachment)")
     handoff_ns = property(lambda self: self._counters.handoff_ns, doc="announcement sent -> view ready, per batch")
     _ring = property(lambda self: self._session.ring)
     _slot_tensors = property(lambda self: self._session.slot_tensors)

@@ -131,6 +131,21 @@ def build_pipeline(stage: Callable, source: Callable | None, *, batch_size: int,
     return pipe
 
 
+def stateful_ops(pipe) -> list[str]:
+    """The operators of a built pipeline whose output may change from run to run (DALI marks them
+    stateful: ``fn.random.*``, random crops, jitter, noise, ``fn.python_function``), other than the
+    input: a stage with any of them cannot be cached (its samples are not the same every epoch)."""
+    from nvidia.dali import backend, fn
+
+    found = []
+    for op in pipe._ops:  # DALI has no public graph walk; _ops is the built graph's operator list
+        name = getattr(op._op, "schema_name", "ExternalSource")  # the input has no schema here
+        schema = backend.GetSchema(name)
+        if name != "ExternalSource" and schema.IsStateful():
+            found.append("fn." + ".".join([*schema.ModulePath(), fn._to_snake_case(schema.OperatorName())]))
+    return sorted(set(found))
+
+
 def one_line(exc: BaseException) -> str:
     """The gist of a DALI error (which spans many lines: the op, the user's traceback, the cause)."""
     text = str(exc)

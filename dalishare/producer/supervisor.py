@@ -116,7 +116,8 @@ class ProbeRun:
     """Decode ``controls`` then ``suspects`` one by one in throwaway processes. A suspect that raises,
     crashes its probe or hangs it for the stage timeout fails. A probe that dies on a file other than
     its first does not blame it: the next probe starts at that file, so only a file decoded first in
-    a fresh process is blamed for a crash. The controls are files the stage should decode (one it
+    a fresh process is blamed for a crash, and for a SIGKILL (an OOM kill, or someone else's) only
+    if it happens twice. The controls are files the stage should decode (one it
     decoded before, or a few others when none is known yet): the first that decodes proves the stage
     works (``control``); if none does, the stage is at fault and the run stops before the suspects."""
 
@@ -133,6 +134,8 @@ class ProbeRun:
         self.process: StageProcess | None = None
         self._first = 0     # position of the running probe's first file
         self._current: int | None = None  # position of the file it is decoding
+        self._killed: set[int] = set()  # positions whose probe was SIGKILLed once (probed once more)
+        self._control_failure = ""      # why a control that could be read failed to decode
         self.processes = 0
 
     @property
@@ -173,8 +176,10 @@ class ProbeRun:
         if position < len(self.controls):
             if not error and self.control is None:
                 self.control = index
-            if self.position == len(self.controls) and self.control is None:
-                self.broken = f"the stage failed on {len(self.controls)} file(s) it should decode ({error})"
+            elif error and not unreadable:  # a control that cannot be read proves nothing
+                self._control_failure = error
+            if self.position == len(self.controls) and self.control is None and self._control_failure:
+                self.broken = f"the stage failed on the file(s) it should decode ({self._control_failure})"
             return
         if error:
             self.failures[index] = error
@@ -189,10 +194,12 @@ class ProbeRun:
         if current is None:  # it ended between files
             if self.position == self._first and self.position < len(self.indices) and not self.broken:
                 self.broken = f"a probe {hung or how} before it decoded any file"
-        elif current == self._first:
+        elif current == self._first and (hung or how != "killed by SIGKILL" or current in self._killed):
             self._decided(current, hung or f"crashed the decoder: {how.removeprefix('killed by ')}")
-        else:
-            self.position = current  # a fresh probe starts at it, so a crash can only be its own
+        else:  # a fresh probe starts at it, so a crash can only be its own
+            if how == "killed by SIGKILL" and not hung:  # an OOM kill is its own; someone's kill is not: once more
+                self._killed.add(current)
+            self.position = current
 
 
 @dataclass

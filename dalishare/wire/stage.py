@@ -30,8 +30,15 @@ Cited from the producer's supervisor (producer/supervisor.py) and the stage proc
   module) get ``Probe(stage, device, files)`` and answer ``Probing(i)`` before file i and
   ``Probed(i, error)`` after it. A probe that dies or hangs blames the file it was on, if that was
   its first (else a fresh probe starts at that file, so an earlier file cannot be blamed wrongly).
-  Then the producer excludes the culprits, rewinds its feed to the oldest lost task and starts a
-  fresh worker (after a backoff when no file explained the failure: producer/restarts.py).
+  Control files go first (one the stage decoded before, else a few from elsewhere in the dataset):
+  if none decodes, the stage is at fault, not the files. Then the producer excludes the culprits,
+  rewinds its feed to the oldest lost task and starts a fresh worker (after a backoff when no file
+  explained the failure: producer/restarts.py). After such a failure it makes the lost batches
+  again one file per task, one task at a time (files that fail only together then pass); a careful
+  task that still fails the worker blames its file, unless the worker was SIGKILLed from outside.
+- Sizes. A task's files travel in the message (``LINK_BUFFER_BYTES`` of socket buffer, so a send
+  does not wait for a busy worker); the stage timeout of a worker starts when it gets work after
+  being idle.
 - Stop. Producer: ``Quit``, waits WORKER_QUIT_S for the exit, then SIGKILL; always before it frees
   the ring (a worker may be writing to it).
 """

@@ -132,7 +132,7 @@ def test_a_probe_names_missing_empty_and_garbage_files_with_a_reason_in_one_proc
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("no image")
     files = [good[0], tmp_path / "gone.jpg", tmp_path / "empty.jpg", tmp_path / "text.jpg", good[1]]
-    run = ProbeRun(str(RESNET), "cpu", files, list(range(5)), control=None, timeout=60)
+    run = ProbeRun(str(RESNET), "cpu", files, suspects=list(range(5)), controls=[], timeout=60)
     deadline = time.monotonic() + 60
     while not run.done and time.monotonic() < deadline:
         run.poll(time.monotonic())
@@ -177,3 +177,18 @@ def test_a_worker_writes_slots_and_the_header_tells_a_reader_which_batch_a_slot_
         view.close()
         writer.close()
         ring.close()
+
+
+def test_stateful_ops_names_the_random_operators_of_a_stage_and_none_of_the_resnet_stage(tmp_path):
+    from dalishare.producer.stage import build_pipeline, stateful_ops
+
+    random_stage = tmp_path / "random_stage.py"
+    random_stage.write_text(
+        "from nvidia.dali import fn\n"
+        "def stage(jpegs, decoder_device):\n"
+        "    images = fn.decoders.image(jpegs, device=decoder_device)\n"
+        "    images = fn.random_resized_crop(images, size=[32, 32])\n"
+        "    return fn.flip(images, horizontal=fn.random.coin_flip())\n")
+    pipe = build_pipeline(load_stage(random_stage), None, batch_size=2)
+    assert stateful_ops(pipe) == ["fn.random.coin_flip", "fn.random_resized_crop"]
+    assert stateful_ops(build_pipeline(load_stage(RESNET), None, batch_size=2)) == []

@@ -97,6 +97,50 @@ def test_a_worker_killed_from_outside_mid_batch_costs_the_jobs_nothing(tmp_path,
     assert "excluded" not in log  # a kill is nobody's file's fault
 
 
+def _stage_children(producer_pid: int, but: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if ppid == producer_pid and b"dalishare.producer.worker" in cmdline and int(proc.name) != but:
+            found.append(int(proc.name))
+    return found
+
+
+def test_a_probe_killed_from_outside_blames_nothing_and_a_kill_at_the_end_loses_nothing(tmp_path, monkeypatch,
+                                                                                         stage_device):
+    monkeypatch.setenv("DALISHARE_TEST_FAULT", "slow")
+    data = make_dataset(tmp_path / "data", {"a": 12, "b": 12})
+    with Server(data, "--device", stage_device, "--batch-size", "8", "--slots", "4", "--epochs", "2",
+                pipeline=FAULTY) as server:
+        with DaliShareIterator("t", batch_size=8, attach_timeout=60) as loader:
+            epochs, killed_probe = [], False
+            for epoch in range(2):
+                seen = []
+                for batch in loader:
+                    seen += batch["indices"].tolist()
+                    if epoch == 0 and len(seen) == 8:  # the worker, then the probe that looks for a culprit
+                        worker = _worker_pid(server)
+                        os.kill(worker, signal.SIGKILL)
+                        deadline = time.monotonic() + 10
+                        while not killed_probe and time.monotonic() < deadline:
+                            for probe in _stage_children(server.proc.pid, but=worker):
+                                os.kill(probe, signal.SIGKILL)
+                                killed_probe = True
+                            time.sleep(0.005)
+                    if epoch == 1 and len(seen) == 16:  # around the last batch of the last epoch
+                        os.kill(_worker_pid(server), signal.SIGKILL)
+                epochs.append(seen)
+        assert server.wait(60) == 0, server.log()
+    assert killed_probe
+    for seen in epochs:
+        assert sorted(seen) == list(range(24))
+    assert "excluded" not in server.log()
+
+
 def test_a_worker_that_hangs_past_the_stage_timeout_is_replaced_and_its_file_excluded(tmp_path, monkeypatch,
                                                                                        stage_device):
     monkeypatch.setenv("DALISHARE_TEST_FAULT", "hang-marked")
