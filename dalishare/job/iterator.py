@@ -175,6 +175,9 @@ class DaliShareIterator:
                     self._session.window.stepped()
                 return batch
             except SlotReused as exc:  # suspended while reading: the batch is lost, go on after it
+                lost = self._session.rebatcher.current
+                if lost is not None:  # nothing more comes from it: its views alone decide when it goes back
+                    self._session.window.consumed(lost.seq)
                 self._session.rebatcher.lose_current()
                 self._counters.missed += exc.lost
                 self._session.await_suspension(self.batch_timeout)

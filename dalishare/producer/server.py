@@ -373,9 +373,9 @@ class Producer:
             self._announce(job, k)
         log.info("job %d (pid %d, keep=%d) attached; %d jobs", job.id, job.pid, job.keep, len(self._jobs))
         if len(self._slots.slots) < job.keep + 3:
-            log.warning("job %d keeps views for %d batches: with %d slots it cannot be suspended if it stalls "
-                        "(it would keep %d); serve with --slots %d or more", job.id, job.keep,
-                        len(self._slots.slots), job.keep + 2, job.keep + 3)
+            log.warning("job %d keeps views for %d batches: if it stalls, suspending it frees no slot of %d "
+                        "(it keeps %d), so the other jobs wait for it; serve with --slots %d or more", job.id,
+                        job.keep, len(self._slots.slots), job.keep + 2, job.keep + 3)
 
     def _send(self, job: Job, msg) -> bool:
         """Send to a job; a job that cannot be reached is detached (and False returned)."""
