@@ -230,10 +230,6 @@ class StageSupervisor:
 
     # -- the serve loop's side ----------------------------------------------------------------------
 
-    @property
-    def pid(self) -> int | None:
-        return self._worker.process.pid if self._worker else None
-
     def room(self) -> int:
         """How many more tasks the worker takes now."""
         if self.phase not in (WorkerPhase.STARTING, WorkerPhase.READY):

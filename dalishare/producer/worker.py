@@ -25,8 +25,6 @@ from ..shm import RingLayout, open_writer
 from ..wire.stage import Failed, Fatal, Filled, MapRing, Probe, Probed, Probing, Quit, Ready, Setup, StageLink, Task
 from .stage import StageBatch, build_fed_pipeline, build_pipeline, load_stage, one_line, read_encoded
 
-log = logging.getLogger(__name__)
-
 PR_SET_PDEATHSIG = 1
 
 

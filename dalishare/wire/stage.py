@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 
 from .messages import check_fields, encode, parse
 
@@ -179,10 +179,4 @@ class StageLink:
         self._conn.close()
 
 
-def wait_any(links: list[StageLink], timeout: float) -> None:
-    """Return when one of ``links`` has a message or EOF, or after ``timeout`` seconds."""
-    if links:
-        wait(links, timeout)
-
-
-__all__ = ["STAGE_MESSAGES", "StageLink", "wait_any"] + [c.__name__ for c in STAGE_MESSAGES.values()]
+__all__ = ["STAGE_MESSAGES", "StageLink"] + [c.__name__ for c in STAGE_MESSAGES.values()]
