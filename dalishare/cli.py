@@ -18,12 +18,14 @@ DEFAULTS = ServeOptions()
 
 def _serve(args: argparse.Namespace) -> None:
     from .producer import Producer
+    from .producer.cache_policy import parse_size
 
     producer = Producer(args.pipeline, args.data, ServeOptions(
         name=args.name, batch_size=args.batch_size, device=args.device, slots=args.slots, seed=args.seed,
         epochs=args.epochs, min_consumers=args.min_consumers, num_threads=args.threads,
         heartbeat_timeout=args.heartbeat_timeout, stall_timeout=args.stall_timeout,
-        stage_timeout=args.stage_timeout))
+        stage_timeout=args.stage_timeout, cache=args.cache,
+        cache_limit=parse_size(args.cache_limit) if args.cache_limit is not None else None))
 
     def on_signal(signum, _frame):
         producer.stop(f"stopped by {signal.Signals(signum).name}")
@@ -96,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stage-timeout", type=float, default=DEFAULTS.stage_timeout,
                        help="seconds the stage worker may work on a batch before it is killed and replaced, "
                             "and a probe on one file before the file is excluded (default: %(default)s)")
+    serve.add_argument("--cache", default=DEFAULTS.cache, metavar="auto|memory|gpu|off|DIR",
+                       help="keep every decoded sample so each job reads at its own pace and nothing is decoded "
+                            "twice: in host shared memory, on the producer's GPU, or in a file in folder DIR "
+                            "(kept for later runs); auto: memory if it fits --cache-limit and the stage is "
+                            "deterministic, else off, the ring paced by the slowest job (default: %(default)s)")
+    serve.add_argument("--cache-limit", default=None, metavar="SIZE",
+                       help="largest memory or GPU cache, e.g. 64G (default: half the memory available)")
     serve.set_defaults(func=_serve)
 
     cleanup = sub.add_parser("cleanup", help="remove segments and sockets left by dead producers")

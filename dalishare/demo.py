@@ -86,7 +86,8 @@ def alone_job(spec: JobSpec, data: str, epochs: int, num_classes: int, q) -> Non
     """The same job with its own DALI pipeline: what each job does without dalishare."""
     import torch
 
-    from dalishare.producer.dataset import epoch_order, scan
+    from dalishare.producer.dataset import scan
+    from dalishare.wire.order import epoch_order
     from dalishare.producer.stage import load_stage, standalone_batches
 
     torch.set_num_threads(1)

@@ -67,3 +67,7 @@ GPU_WAIT_POLL_S = 50e-6
 
 HEARTBEAT_JOIN_S = 5
 """How long closing a job waits for its heartbeat thread to end."""
+
+CACHE_POLL_S = 0.002
+"""How often a job reading a cache looks at the mark of a sample it waits for (the fill is under way):
+a job's wait at most this much longer than the fill."""

@@ -15,10 +15,13 @@ import math
 import time
 from typing import Callable
 
+import numpy as np
 import torch
 
-from ..errors import ProducerLost, ProducerNotFound, SlotReused
+from ..errors import ConfigError, ProducerLost, ProducerNotFound, SlotReused
 from ..shm import names
+from ..wire.order import epoch_order
+from .cached import take
 from .keep import KeepWindow
 from .rebatch import Piece
 from ..intervals import PRODUCER_POLL_S
@@ -37,6 +40,11 @@ class DaliShareIterator:
     epoch (``loader.epoch`` says which); ``len(loader)`` is this job's batches per full epoch; the
     last batch of an epoch may be smaller than ``batch_size``. A job that attaches mid-epoch first
     gets the rest of that epoch.
+
+    When the producer serves a cache (``dalishare serve --cache``), each pass is a whole epoch read
+    at this job's own pace, from its first sample, whenever the job attached; its batches are
+    gathered from the cache into tensors the job owns (so ``keep`` and ``copy`` do not matter), in
+    the producer's order or, with ``seed``, the job's own.
 
     ``images`` is a view of the ring (no copy) when it lies inside one producer batch and ``device``
     is where the ring is. Never write to it (host memory is mapped read-only, so that faults). It
@@ -62,12 +70,14 @@ class DaliShareIterator:
         reconnect: when the producer dies, fails or is stopped by a signal, wait up to
             ``reconnect_timeout`` seconds for a new producer of the same name and go on with it
             (the pass in progress ends there); without it, that is `ProducerLost` or the end.
+        seed: read in an order of this job's own (a new permutation of the samples each epoch),
+            not the producer's; needs a producer that serves a cache (`ConfigError` otherwise).
     """
 
     def __init__(self, name: str = "default", batch_size: int | None = None, device=None,
                  augment: Callable | None = None, *, copy: bool = False, keep: int = 2, attach_timeout: float = 60.0,
                  batch_timeout: float = 600.0, heartbeat_interval: float = 1.0, reconnect: bool = False,
-                 reconnect_timeout: float = 600.0):
+                 reconnect_timeout: float = 600.0, seed: int | None = None):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         KeepWindow(keep)  # checks keep before anything is opened
@@ -76,6 +86,8 @@ class DaliShareIterator:
         self.batch_timeout, self.reconnect, self.reconnect_timeout = batch_timeout, reconnect, reconnect_timeout
         self.device = torch.device(device) if device is not None else None
         self.epoch: int | None = None  # the epoch of the pass in progress (or the last one)
+        self.seed = seed
+        self._passes_read = 0  # with a cache: passes this job finished or left (its epochs)
         self._requested_batch_size, self._heartbeat_interval = batch_size, heartbeat_interval
         self._endpoint = names.endpoint(name)
         self._counters = Counters()  # survive reconnects
@@ -89,6 +101,10 @@ class DaliShareIterator:
             self._target = self.device or session.ring_device
             if self._target.type == "cuda" and self._target.index is None:
                 self._target = torch.device("cuda", torch.cuda.current_device())
+            if self.seed is not None and session.cache is None:
+                raise ConfigError(f"seed={self.seed}: producer {self.name!r} streams one shared order through its "
+                                  f"ring; a job's own order needs a producer with a cache (serve with --cache "
+                                  f"memory, gpu or DIR), or drop seed=")
         except BaseException:
             session.close(timeout=0)
             raise
@@ -137,6 +153,9 @@ class DaliShareIterator:
         return math.ceil(self.samples_per_epoch / self.batch_size)
 
     def __iter__(self):
+        if self._session.cache is not None:
+            yield from self._cached_pass()
+            return
         self._skip_rest_of_epoch()
         session = self._session
         session.receive_all()  # a Suspended message may void the queued head
@@ -163,6 +182,67 @@ class DaliShareIterator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # -- reading a cache: NOTE [ Cache protocol ] in producer/filling.py --------------------------
+
+    def _cached_pass(self):
+        """One epoch of this job's own from the cache, batch by batch; it counts (``EpochDone``)
+        when it ends or is left."""
+        session = self._session
+        limit = session.producer_epochs
+        if limit and self._passes_read >= limit:
+            session.stop_reason = session.stop_reason or f"finished {limit} epochs"
+            return
+        if not session.producer_serves(self.reconnect):
+            if self.reconnect and session.lost:
+                self._reconnect()
+            return
+        cache = session.cache
+        self.epoch = self._passes_read
+        order = epoch_order(cache.layout.samples, session.producer_seed if self.seed is None else self.seed,
+                            self.epoch)
+        self._counters.excluded = cache.excluded()
+        session.samples_per_epoch = cache.layout.samples - self._counters.excluded
+        try:
+            for indices in self._cached_batches(order):
+                labels = torch.from_numpy(cache.labels[indices].astype(np.int64))
+                if self._target.type != "cpu":
+                    labels = labels.pin_memory().to(self._target, non_blocking=True)
+                batch = {"images": cache.gather(indices, session.sample_shape, session.dtype, self._target),
+                         "labels": labels, "indices": torch.from_numpy(indices)}
+                if self.augment is not None:
+                    batch = self.augment(batch)
+                yield batch
+                del batch
+        finally:
+            self._passes_read += 1
+            session.epoch_done(self._passes_read)
+        if self.reconnect and session.lost:
+            self._reconnect()
+
+    def _cached_batches(self, order: np.ndarray):
+        """The sample indices of each batch of ``order``: full batches of VALID samples, excluded
+        ones skipped, the last one smaller; waits for samples not cached yet. Ends early when the
+        producer stops."""
+        session, marks, size = self._session, self._session.cache.marks, self.batch_size
+        pos, parts, have = 0, [], 0
+        next_check = time.monotonic() + PRODUCER_POLL_S
+        while pos < len(order):
+            got, pos, missing = take(marks, order, pos, size - have)
+            parts.append(got)
+            have += len(got)
+            if have == size:
+                yield np.concatenate(parts)
+                parts, have = [], 0
+            if missing >= 0:
+                if not session.await_sample(missing, self.batch_timeout, self.reconnect):
+                    return
+            elif time.monotonic() >= next_check:  # the producer's Stop, failure or death, while reading
+                if not session.producer_serves(self.reconnect):
+                    return
+                next_check = time.monotonic() + PRODUCER_POLL_S
+        if have:
+            yield np.concatenate(parts)
 
     # -- rebatching ----------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""One attachment of a job to one producer: its channel, ring mapping, releases, heartbeat, queue of
-announcements and place in the stream. A reconnect opens a new session; nothing is reset by hand.
+"""One attachment of a job to one producer: its channel, ring (or cache) mapping, releases,
+heartbeat, queue of announcements and place in the stream. A reconnect opens a new session; nothing
+is reset by hand.
 
 The message sequence is NOTE [ Control protocol ] (wire/messages.py); when a slot may be given back
 is NOTE [ Slot ownership ] (shm/__init__.py) and keep.py.
@@ -15,13 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..intervals import STARTING_SILENCE_S, GPU_EVENT_POLL_MS, PRODUCER_POLL_S
+from ..intervals import CACHE_POLL_S, STARTING_SILENCE_S, GPU_EVENT_POLL_MS, PRODUCER_POLL_S
 from ..errors import BatchHeldTooLong, ProducerLost, ProducerNotFound, ProtocolError, SlotReused
 from ..shm import RingLayout, attach_ring
 from ..shm import names
 from ..wire.channel import JobChannel
-from ..wire.messages import (Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Starting, Stop, StopKind,
-                             Suspended, Welcome)
+from ..shm.cache import Mark
+from ..wire.messages import (Batch, Bye, EpochDone, Heartbeat, Hello, Reject, Release, Resume, Starting, Stop,
+                             StopKind, Suspended, Welcome)
+from .cached import CachedSamples
 from .heartbeat import HeartbeatThread
 from .keep import KeepWindow
 from .rebatch import Rebatcher
@@ -58,6 +61,7 @@ class Session:
         self.releases: SlotReleases | None = None
         self.heartbeat: HeartbeatThread | None = None
         self.ring = None
+        self.cache: CachedSamples | None = None  # set instead of the ring when the producer serves a cache
         self.channel = JobChannel(endpoint)
         try:
             welcome = self._attach(timeout)
@@ -68,9 +72,14 @@ class Session:
             self.rebatcher = Rebatcher(batch_size or welcome.batch_size)
             self.sample_shape = tuple(welcome.sample_shape)
             self.dtype = getattr(torch, welcome.dtype)
-            self.ring = attach_ring(RingLayout.from_wire(welcome.ring))
-            self.slot_tensors, self.ring_device = slot_tensors(self.ring)
-            if self.ring.layout.slots < keep + 2:
+            self.producer_seed, self.producer_epochs = welcome.seed, welcome.epochs
+            if welcome.cache:
+                self.cache = CachedSamples(welcome.cache)
+                self.slot_tensors, self.ring_device = [], self.cache.device
+            else:
+                self.ring = attach_ring(RingLayout.from_wire(welcome.ring))
+                self.slot_tensors, self.ring_device = slot_tensors(self.ring)
+            if self.ring is not None and self.ring.layout.slots < keep + 2:
                 log.warning("producer %r has %d slots: a job that uses keep=%d views at once needs %d; it will "
                             "get BatchHeldTooLong if it does (serve with more --slots, or lower keep)", name,
                             self.ring.layout.slots, keep, keep + 2)
@@ -107,6 +116,9 @@ class Session:
             self.slot_tensors = []
             self.ring.close()
             self.ring = None
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
 
     def producer_alive(self) -> bool:
         return names.pid_alive(self.producer_pid, self.producer_started)
@@ -205,17 +217,68 @@ class Session:
                 if reconnect:
                     self._died = "died"
                     return
-                raise ProducerLost(
-                    f"producer {self.name!r} (pid {self.producer_pid}) died; restart it with "
-                    f"`dalishare serve ... --name {self.name}` and restart this job "
-                    f"(or pass reconnect=True to wait for it)")
+                raise self._died_error()
             elif time.monotonic() > deadline:
                 raise ProducerLost(
                     f"producer {self.name!r} (pid {self.producer_pid}) is alive but sent no batch for "
                     f"{batch_timeout:.0f} s; check its log (is another job holding it back?)")
         if self.failure and not reconnect:
-            raise ProducerLost(f"producer {self.name!r} (pid {self.producer_pid}) failed: {self.failure}; "
-                               f"fix the cause in its log, restart it and this job")
+            raise self._failed_error()
+
+    def _died_error(self) -> ProducerLost:
+        return ProducerLost(f"producer {self.name!r} (pid {self.producer_pid}) died; restart it with "
+                            f"`dalishare serve ... --name {self.name}` and restart this job "
+                            f"(or pass reconnect=True to wait for it)")
+
+    def _failed_error(self) -> ProducerLost:
+        return ProducerLost(f"producer {self.name!r} (pid {self.producer_pid}) failed: {self.failure}; "
+                            f"fix the cause in its log, restart it and this job")
+
+    # -- reading a cache: NOTE [ Cache protocol ] in producer/filling.py ---------------------------
+
+    def producer_serves(self, reconnect: bool) -> bool:
+        """Take in the producer's messages; False once it stopped (the pass ends) or, with
+        ``reconnect``, died or failed (`lost` says why); else those raise `ProducerLost`."""
+        self.receive_all()
+        if self.failure:
+            if reconnect:
+                return False
+            raise self._failed_error()
+        if self.stop_reason is not None:
+            return False
+        if not self.producer_alive():
+            if reconnect:
+                self._died = "died"
+                return False
+            raise self._died_error()
+        return True
+
+    def await_sample(self, index: int, batch_timeout: float, reconnect: bool) -> bool:
+        """Wait until the cache has sample ``index`` (or has excluded it); False if the producer
+        stopped meanwhile (see `producer_serves`). A fill that makes no progress for
+        ``batch_timeout`` seconds raises `ProducerLost`."""
+        marks, valid = self.cache.marks, self.cache.valid()
+        deadline = next_check = time.monotonic()
+        deadline += batch_timeout
+        while marks[index] == Mark.MISSING:
+            now = time.monotonic()
+            if now >= next_check:
+                if not self.producer_serves(reconnect):
+                    return False
+                filled = self.cache.valid()
+                if filled != valid:
+                    valid, deadline = filled, now + batch_timeout
+                elif now > deadline:
+                    raise ProducerLost(
+                        f"producer {self.name!r} (pid {self.producer_pid}) is alive but filled no sample of its "
+                        f"cache for {batch_timeout:.0f} s (job {self.job_id} waits for sample {index}); check its log")
+                next_check = now + PRODUCER_POLL_S
+            time.sleep(CACHE_POLL_S)
+        return True
+
+    def epoch_done(self, epochs: int) -> None:
+        if self.channel is not None:
+            self.channel.send(EpochDone(self.job_id, epochs))  # a gone producer is reported by the next wait
 
     def _announce_waiting(self) -> None:
         """About to wait for a batch: give back what we can, fail if we hold the whole ring ourselves,

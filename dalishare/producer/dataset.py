@@ -58,8 +58,3 @@ def scan(root: str | Path) -> Dataset:
         raise DatasetError(f"no images found in {root}: expected class folders holding image files "
                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return Dataset(root, classes, files, np.asarray(labels, dtype=np.int64))
-
-
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample indices of ``epoch`` in the order they are served: a permutation seeded by (seed, epoch)."""
-    return np.random.default_rng([seed, epoch]).permutation(num_samples).astype(np.int64)

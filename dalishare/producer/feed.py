@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dataset import Dataset, epoch_order
+from ..wire.order import epoch_order
+from .dataset import Dataset
 from ..errors import DatasetError
 
 

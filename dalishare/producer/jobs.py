@@ -36,6 +36,7 @@ class Job:
     silent: bool = False      # warned about a missing heartbeat; cleared by its next message
     last_progress: float = 0.0  # its last release, attach or resume: a stall is measured from here
     next_probe: float = 0.0   # when to check a silent job's socket again
+    epochs_read: int = 0      # with a cache: the passes it finished (its EpochDone), for --epochs
 
     @property
     def suspended(self) -> bool:

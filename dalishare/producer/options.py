@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from ..intervals import STAGE_TIMEOUT_S
 from ..shm import DEFAULT_SLOTS, MAX_SLOTS
 from ..shm import names
+from .cache_policy import CacheMode, parse_cache
 from .stage import parse_device
 
 
@@ -27,6 +28,8 @@ class ServeOptions:
     heartbeat_timeout: float = 10.0
     stall_timeout: float = 30.0
     stage_timeout: float = STAGE_TIMEOUT_S  # a stage worker silent this long with work outstanding is replaced
+    cache: str = "auto"                # auto, memory, gpu, off, or a folder (cache_policy.parse_cache)
+    cache_limit: int | None = None     # bytes; None: cache_policy.default_limit()
 
     def check(self) -> None:
         names.check_name(self.name)
@@ -40,3 +43,9 @@ class ServeOptions:
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError("--epochs must be at least 1")
         parse_device(self.device)  # a GPU that is not there fails here, in one line
+        mode, _ = parse_cache(self.cache)
+        if mode is CacheMode.GPU and parse_device(self.device) is None:
+            raise ConfigError("--cache gpu keeps the decoded samples on the producer's GPU: serve with --device gpu "
+                              "(or use --cache memory)")
+        if self.cache_limit is not None and self.cache_limit < 0:
+            raise ConfigError("--cache-limit must not be negative")

@@ -1,5 +1,6 @@
 """The serve loop: start the stage worker, give it free ring slots, announce what it fills, track
-jobs, reclaim slots.
+jobs, reclaim slots; or, with a cache, have the worker fill the cache and let every job read it at
+its own pace (NOTE [ Cache protocol ] in filling.py).
 
 The loop is single-threaded and never runs DALI: the stage runs in a worker process (supervisor.py;
 NOTE [ Stage worker protocol ] in wire/stage.py), so a decoder crash ends only the worker. Each pass
@@ -19,11 +20,12 @@ or signal releases exactly what exists, in the reverse order:
    first tells every job ``Stop`` (if that was not done yet), lingers briefly so it goes out, and
    removes the socket file;
 3. the stage supervisor: its worker and probe processes are ended (``Quit``, then SIGKILL);
-4. the ring (host segment or device memory), sized by the first batch;
-5. after the ring: the stage worker is ended before the ring is freed (it may be writing a slot),
-   and before that every job is told ``Stop`` (finished, stopped or failed, with the reason) and,
-   for a device ring, given up to DEVICE_FREE_GRACE_S to release its slots (freeing memory
-   another process reads is undefined in CUDA).
+4. the ring (host segment or device memory), or the cache, sized by the first batch (a DIR cache
+   stays; a memory or GPU cache is removed);
+5. after the ring or cache: the stage worker is ended before it is freed (it may be writing a slot
+   or rows), and before that every job is told ``Stop`` (finished, stopped or failed, with the
+   reason) and, for device memory, given up to DEVICE_FREE_GRACE_S to release its slots or leave
+   (freeing memory another process reads is undefined in CUDA).
 
 A killed producer runs none of this: its stage processes get SIGKILL from the kernel
 (PR_SET_PDEATHSIG), the kernel drops the lock, the next ``serve`` of the name or ``dalishare
@@ -48,11 +50,15 @@ from ..errors import ConfigError
 from ..intervals import DEVICE_FREE_GRACE_S, IDLE_POLL_MS, REAP_INTERVAL_S, STARTING_REPEAT_S
 from ..shm import RingKind, create_ring
 from ..shm import names
+from ..shm.cache import CacheLayout, Mark, cache_key, listing_digest
 from ..wire.channel import ProducerChannel
-from ..wire.messages import (PROTOCOL_VERSION, Batch, Bye, Heartbeat, Hello, Reject, Release, Resume, Starting,
-                             Stop, Suspended, Welcome)
+from ..wire.messages import (PROTOCOL_VERSION, Batch, Bye, EpochDone, Heartbeat, Hello, Reject, Release, Resume,
+                             Starting, Stop, Suspended, Welcome)
+from ..wire.order import epoch_order
+from .cache_policy import CacheChoice, CacheMode, choose, default_limit, human, parse_cache
 from .dataset import Dataset, scan
 from .feed import EpochFeed
+from .filling import CacheFill, ServedCache, dali_version, disk_cache_path, reusable_layout
 from .jobs import Job, JobRegistry
 from .options import ServeOptions
 from .slots import SlotTable
@@ -64,9 +70,10 @@ log = logging.getLogger(__name__)
 
 class Phase(enum.Enum):
     """Where the producer is. SCANNING (the dataset is listed in a thread) -> MEASURING (the worker
-    decodes the first batch, whose shape sizes the ring) -> SERVING (the ring exists: jobs are
-    welcomed, slots filled). Jobs that say hello before SERVING get ``Starting`` and are welcomed on
-    entering it. The loop may end in any phase."""
+    decodes the first batch, whose shape sizes the ring or the cache) -> SERVING (the ring or cache
+    exists: jobs are welcomed, slots or rows filled); SCANNING -> SERVING directly for a DIR cache
+    found complete or resumable. Jobs that say hello before SERVING get ``Starting`` and are
+    welcomed on entering it. The loop may end in any phase."""
 
     SCANNING = "scanning"
     MEASURING = "measuring"
@@ -88,6 +95,9 @@ class Producer:
         self._waiting: dict[bytes, Hello] = {}  # hellos that came before SERVING, by identity
         self._channel: ProducerChannel | None = None
         self._ring = None
+        self._cache: ServedCache | None = None  # set instead of the ring when serving from a cache
+        self._fill: CacheFill | None = None      # with the cache: the rows still to decode
+        self._read_all_epochs = False  # with a cache and --epochs N: some job has read N epochs
         self._supervisor: StageSupervisor | None = None
         self._told_jobs = False  # the farewell Stop went out
         # (epoch, position) up to which lost batches are re-made one file per task, one at a time,
@@ -124,7 +134,7 @@ class Producer:
                 self._channel = ProducerChannel(names.endpoint(opts.name))
                 resources.callback(names.socket_path(opts.name).unlink, missing_ok=True)
                 resources.callback(self._close_channel)
-                self._scan = _Scan(self.data)
+                self._scan = _Scan(self.data, listing=parse_cache(opts.cache)[0] is not CacheMode.OFF)
                 log.info("%r: scanning %s; jobs may attach at %s", opts.name, self.data, names.endpoint(opts.name))
                 self._loop()
             except BaseException as exc:
@@ -154,19 +164,21 @@ class Producer:
             self._channel.send(identity, stop)
         for job in self._jobs:
             self._send(job, stop)
-        if self._ring is not None and self._ring.layout.kind == RingKind.DEVICE:
+        if self._ring is not None and self._ring.layout.kind == RingKind.DEVICE or \
+                self._cache is not None and self._cache.rows is not None:
             self._await_releases(DEVICE_FREE_GRACE_S)
 
     def _await_releases(self, timeout: float) -> None:
         """Before freeing a device ring, give jobs a moment to finish the GPU reads of the slots
         they hold: freeing memory another process still reads is undefined behaviour in CUDA."""
         deadline = time.monotonic() + timeout
-        while self._slots.held_count() and time.monotonic() < deadline:
+        busy = (lambda: len(self._jobs)) if self._cache is not None else self._slots.held_count  # GPU cache: until they leave
+        while busy() and time.monotonic() < deadline:
             self._handle_messages(timeout_ms=20, wake_for_stage=False)  # the stage's messages wait: we stop
             self._detach_dead()
-        if self._slots.held_count():
-            log.warning("freeing the device ring while jobs still hold %d slot(s); they were told to stop",
-                        self._slots.held_count())
+        if busy():
+            log.warning("freeing device memory while %d job(s) or slot(s) may still read it; they were told to stop",
+                        busy())
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -191,7 +203,10 @@ class Producer:
                  self.options.name, self.stop_reason, self.batches_served, self.worker_restarts, self.bad_messages)
 
     def _done(self) -> bool:
-        """The last batch of the last epoch is announced (or the rest of it was undecodable)."""
+        """The last batch of the last epoch is announced (or the rest of it was undecodable); with a
+        cache, some job has read the last epoch."""
+        if self._cache is not None:
+            return self._read_all_epochs
         return (self.phase is Phase.SERVING and self._final_epoch_fed() and not self._supervisor.in_flight())
 
     def _final_epoch_fed(self) -> bool:
@@ -202,6 +217,8 @@ class Producer:
         the job. A host ring stays mapped in the job after the producer is gone, so having begun to
         read every batch it holds is enough (it may keep the last views as long as it likes); device
         memory is freed, so there the job must have released every slot."""
+        if self._cache is not None:
+            return job.epochs_read >= self.options.epochs
         if job.suspended:
             return True
         if self._ring.layout.kind == RingKind.DEVICE:
@@ -210,18 +227,35 @@ class Producer:
 
     # -- the stage: NOTE [ Stage worker protocol ] in wire/stage.py -------------------------------
 
-    def _start_stage(self, dataset: Dataset) -> None:
+    def _start_stage(self, scanned: tuple[Dataset, bytes | None]) -> None:
+        """The dataset is listed: serve a DIR cache of the same key at once, or start the stage
+        worker to measure the first batch."""
         opts = self.options
-        self._dataset = dataset
-        self._feed = EpochFeed(dataset, opts.batch_size, opts.seed)
-        self._supervisor = StageSupervisor(self.pipeline_file, opts, dataset.files)
-        self._resources.callback(self._supervisor.stop, "the producer stops")
+        self._dataset, self._listing = scanned
+        self._feed = EpochFeed(self._dataset, opts.batch_size, opts.seed)
+        mode, folder = parse_cache(opts.cache)
+        if mode is CacheMode.DISK:
+            layout = reusable_layout(disk_cache_path(folder, self.data, self.pipeline_file), self._listing,
+                                     self.pipeline_file)
+            if layout is not None:
+                self._open_cache(CacheChoice(CacheMode.DISK, f"reusing the cache of this dataset and stage in "
+                                                             f"{folder}", folder), layout)
+                return
+        self._start_worker()
         self.phase = Phase.MEASURING
+
+    def _start_worker(self) -> None:
+        self._supervisor = StageSupervisor(self.pipeline_file, self.options, self._dataset.files)
+        self._resources.callback(self._supervisor.stop, "the producer stops")
 
     def _can_submit(self) -> bool:
         """Whether to hand the worker a task now."""
         if self._supervisor is None or self._supervisor.room() <= 0:
             return False
+        if self._cache is not None:  # fill as fast as the stage goes, once min_consumers came
+            if self._fill.careful() and self._supervisor.in_flight():
+                return False
+            return self._fill.pending() > 0 and (self._started or len(self._jobs) >= self.options.min_consumers)
         if self.phase is Phase.MEASURING or self._careful_until is not None:
             if self._supervisor.in_flight():  # one task at a time: the one whose batch sizes the ring, or a careful one
                 return False
@@ -234,6 +268,11 @@ class Producer:
         return self._slots.free_slot() is not None
 
     def _submit(self) -> None:
+        if self._cache is not None:
+            rows, careful = self._fill.next_rows(self.options.batch_size)
+            self._supervisor.submit(self._seq, -1, rows, rows, careful=careful, rows=True)
+            self._seq, self._started = self._seq + 1, True
+            return
         careful = self._careful_until is not None
         plan = self._feed.next_plan(limit=1 if careful else None)
         k = -1  # measuring: the worker writes nothing
@@ -250,13 +289,19 @@ class Producer:
     def _on_filled(self, event: Done) -> None:
         task, plan = event.done.task, event.done.plan
         if self.phase is Phase.MEASURING:
-            self._open_ring(event)
-            self._feed.rewind(plan)  # serve the measured batch again, into a slot
+            self._feed.rewind(plan)  # serve the measured batch again, into a slot (or its rows)
+            self._open_output(event)
             return
         if event.sample_shape != self._sample_shape or event.dtype != self._dtype.name:
             raise ConfigError(f"the stage produced samples of {event.sample_shape} {event.dtype} after "
                               f"{self._sample_shape} {self._dtype.name}: it must output one fixed shape and "
                               f"type (add a crop)")
+        if self._cache is not None:
+            self._cache.store.mark(plan)  # after the worker's answer: the mark follows the bytes
+            self.batches_served += 1
+            if not self._fill.pending() and not self._supervisor.in_flight():
+                self._cache_full()
+            return
         k = task.slot
         self._ring.mark(k, task.seq)
         self._slots.fill(k, Batch(seq=task.seq, slot=k, epoch=plan.epoch, start=plan.start,
@@ -278,6 +323,13 @@ class Producer:
         if event.culprits:
             log.warning("%d of %d files excluded so far because they cannot be decoded",
                         len(self._feed.excluded), len(self._dataset))
+        if self._cache is not None:  # excluded rows are never cached; the others are decoded again first
+            self._cache.store.mark(list(event.culprits), Mark.EXCLUDED)
+            rows = [i for lost in event.tasks for i in lost.plan if i not in event.culprits]
+            self._fill.requeue(rows, careful=bool(event.tasks) and not event.culprits)
+            if not self._fill.pending() and not self._supervisor.in_flight():
+                self._cache_full()
+            return
         for lost in event.tasks:
             if lost.task.slot >= 0:
                 self._slots.unreserve(lost.task.slot)
@@ -289,21 +341,83 @@ class Producer:
             log.warning("no file explains the failure: making the %d lost batches again one file at a time",
                         len(event.tasks))
 
-    def _open_ring(self, first: Done) -> None:
-        """The first batch's shape is known: create the ring, give it to the worker, welcome the
-        jobs that waited."""
+    def _open_output(self, first: Done) -> None:
+        """The first batch's shape is known: open the cache the options and the stage allow, else
+        the ring. An explicit cache that cannot be had raises `ConfigError` (exit code 2)."""
         opts = self.options
         self._sample_shape, self._dtype = list(first.sample_shape), np.dtype(first.dtype)
+        sample_bytes = int(np.prod(self._sample_shape)) * self._dtype.itemsize
+        mode, folder = parse_cache(opts.cache)
+        limit = opts.cache_limit if opts.cache_limit is not None else default_limit()
+        choice = choose(mode, folder, samples=len(self._dataset), sample_bytes=sample_bytes, limit=limit,
+                        stateful_ops=self._supervisor.stateful or [])
+        log.info("%r: %s", opts.name, choice.reason)
+        if choice.mode is not CacheMode.OFF:
+            key = cache_key(self._listing, self.pipeline_file, self._sample_shape, self._dtype.name, dali_version())
+            layout = CacheLayout(key, len(self._dataset), self._sample_shape, self._dtype.name,
+                                 rows_in_file=choice.mode is not CacheMode.GPU)
+            try:
+                self._open_cache(choice, layout)
+                return
+            except OSError as exc:  # the disk or /dev/shm has no room for it (ENOSPC), or no such rights
+                log.warning("%r: cannot create the cache (%s); serving without it (--cache off)", opts.name, exc)
+        self._open_ring()
+
+    def _open_cache(self, choice: CacheChoice, layout: CacheLayout) -> None:
+        """Create or reopen the cache, have the worker fill what is missing, welcome the jobs that
+        waited (NOTE [ Cache protocol ] in filling.py)."""
+        opts = self.options
+        path = disk_cache_path(choice.folder, self.data, self.pipeline_file) if choice.mode is CacheMode.DISK \
+            else ServedCache.memory_path(opts.name)
+        self._cache = ServedCache(choice.mode, path, layout, self._dataset.labels, opts.name, parse_device(opts.device))
+        self._resources.callback(self._cache.close)
+        self._resources.callback(self._stop_worker, "the producer stops")  # before the cache is freed
+        self._resources.callback(self._tell_jobs)  # before the worker is stopped and the cache freed
+        self._sample_shape, self._dtype = list(layout.sample_shape), np.dtype(layout.dtype)
+        store = self._cache.store
+        store.mark(list(self._feed.excluded), Mark.EXCLUDED)  # found while measuring
+        self._fill = CacheFill(store.marks, epoch_order(len(self._dataset), opts.seed, 0))
+        self._fill_started = time.monotonic()
+        log.info("%r: cache %s: %d of %d samples decoded%s, %d excluded; %s", opts.name, store.path,
+                 store.valid_count(), layout.samples, " (resumed)" if store.resumed else "", len(store.excluded()),
+                 f"{self._fill.pending()} to decode" if self._fill.pending() else "nothing to decode")
+        if self._fill.pending():
+            if self._supervisor is None:
+                self._start_worker()
+            self._supervisor.map_cache(self._cache.wire())
+        else:
+            self._stop_worker("the cache is full")
+        self._enter_serving(f"{human(layout.rows_bytes)} cache in {choice.mode.value} ({store.path})")
+
+    def _cache_full(self) -> None:
+        took = time.monotonic() - self._fill_started
+        store = self._cache.store
+        log.info("%r: the cache is full: %d samples decoded in %.1f s (%.0f/s), %d excluded; no more decoding",
+                 self.options.name, store.valid_count(), took, store.valid_count() / max(took, 1e-9),
+                 len(store.excluded()))
+        self._stop_worker("the cache is full")
+
+    def _stop_worker(self, reason: str) -> None:
+        if self._supervisor is not None:
+            self._supervisor.stop(reason)
+
+    def _open_ring(self) -> None:
+        """Create the ring, give it to the worker, welcome the jobs that waited."""
+        opts = self.options
         sample_bytes = int(np.prod(self._sample_shape)) * self._dtype.itemsize
         self._ring = create_ring(opts.name, opts.slots, opts.batch_size * sample_bytes, gpu=parse_device(opts.device))
         self._resources.callback(self._ring.close)
         self._resources.callback(self._supervisor.stop, "the producer stops")  # before the ring is freed
         self._resources.callback(self._tell_jobs)  # before the worker is stopped and the ring freed
         self._supervisor.map_ring(self._ring.layout.to_wire())
+        self._enter_serving(f"{opts.slots} slots in {opts.device} memory")
+
+    def _enter_serving(self, where: str) -> None:
+        opts = self.options
         self.phase = Phase.SERVING
-        log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %d slots in %s memory, at %s",
-                 opts.name, len(self._dataset), len(self._dataset.classes), opts.batch_size, self._sample_shape,
-                 self._dtype, opts.slots, opts.device, names.endpoint(opts.name))
+        log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %s, at %s", opts.name,
+                 len(self._dataset), len(self._dataset.classes), opts.batch_size, self._sample_shape, self._dtype,
+                 where, names.endpoint(opts.name))
         waiting, self._waiting = self._waiting, {}
         for identity, hello in waiting.items():
             if names.pid_alive(hello.pid, None):
@@ -345,6 +459,10 @@ class Producer:
             job.taken = max(job.taken, msg.taken)
         elif isinstance(msg, Resume):
             self._resume(job, msg.after_seq)
+        elif isinstance(msg, EpochDone):
+            job.epochs_read = max(job.epochs_read, msg.epochs)
+            if self.options.epochs is not None and job.epochs_read >= self.options.epochs:
+                self._read_all_epochs = True
         elif isinstance(msg, Bye):
             self._detach(job, f"left: {msg.reason}")
         else:
@@ -364,10 +482,17 @@ class Producer:
             self._channel.send(identity, Starting(os.getpid(), self._starting_reason()))
             return
         job = self._jobs.add(hello.pid, identity, hello.keep, time.monotonic())
-        if not self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(), ring=self._ring.layout.to_wire(),
+        opts = self.options
+        if not self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(),
+                                       ring=self._ring.layout.to_wire() if self._ring else {},
+                                       cache=self._cache.wire() if self._cache else {},
                                        sample_shape=self._sample_shape, dtype=self._dtype.name,
-                                       epoch_size=self._feed.epoch_size, batch_size=self.options.batch_size,
-                                       classes=self._dataset.classes)):
+                                       epoch_size=self._epoch_size(), batch_size=opts.batch_size,
+                                       classes=self._dataset.classes, seed=opts.seed, epochs=opts.epochs or 0)):
+            return
+        if self._cache is not None:
+            log.info("job %d (pid %d) attached; it reads the cache at its own pace; %d jobs", job.id, job.pid,
+                     len(self._jobs))
             return
         for k in self._slots.resident_of_current_epoch():
             self._announce(job, k)
@@ -376,6 +501,11 @@ class Producer:
             log.warning("job %d keeps views for %d batches: if it stalls, suspending it frees no slot of %d "
                         "(it keeps %d), so the other jobs wait for it; serve with --slots %d or more", job.id,
                         job.keep, len(self._slots.slots), job.keep + 2, job.keep + 3)
+
+    def _epoch_size(self) -> int:
+        if self._cache is not None:  # its marks also know the files a previous producer excluded
+            return len(self._dataset) - len(self._cache.store.excluded())
+        return self._feed.epoch_size
 
     def _send(self, job: Job, msg) -> bool:
         """Send to a job; a job that cannot be reached is detached (and False returned)."""
@@ -397,7 +527,8 @@ class Producer:
         now = time.monotonic()
         if self._waiting and now >= self._next_starting:
             self._repeat_starting(now)
-        self._suspend_stallers(now)
+        if self._ring is not None:  # with a cache nobody holds anybody back
+            self._suspend_stallers(now)
         self._detach_dead()
         for job in self._jobs.to_probe(now, self.options.heartbeat_timeout):
             if self._send(job, Heartbeat(job.id)) and not job.silent:
@@ -454,21 +585,22 @@ class _Scan:
     """The dataset scan, in a thread so the loop answers jobs meanwhile (a big folder takes a while).
     Daemonic: a producer stopped during the scan does not wait for it."""
 
-    def __init__(self, data: Path):
-        self._result: Dataset | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(data,), name="dalishare-scan", daemon=True)
+    def __init__(self, data: Path, listing: bool):
+        self._result: tuple[Dataset, bytes | None] | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(data, listing), name="dalishare-scan", daemon=True)
         self._thread.start()
 
-    def _run(self, data: Path) -> None:
-        try:
-            self._result = scan(data)
+    def _run(self, data: Path, listing: bool) -> None:
+        try:  # the listing digest (a stat per file) keys a cache
+            dataset = scan(data)
+            self._result = (dataset, listing_digest(dataset.files) if listing else None)
         except BaseException as exc:  # handed to the loop, which raises it
             self._result = exc
 
     def done(self) -> bool:
         return not self._thread.is_alive()
 
-    def result(self) -> Dataset:
+    def result(self) -> tuple[Dataset, bytes | None]:
         if isinstance(self._result, BaseException):
             raise self._result
         return self._result

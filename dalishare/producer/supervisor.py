@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import StageError, StageFailed
 from ..intervals import STAGE_REAP_S, WORKER_QUIT_S
-from ..wire.stage import Failed, Fatal, Filled, MapRing, Probe, Probed, Probing, Quit, Ready, Setup, StageLink, Task
+from ..wire.stage import Failed, Fatal, Filled, MapCache, MapRing, Probe, Probed, Probing, Quit, Ready, Setup, StageLink, Task
 from .options import ServeOptions
 from .restarts import CrashLoop, judge
 
@@ -215,6 +215,8 @@ class StageSupervisor:
     def __init__(self, stage_file: Path, options: ServeOptions, files: list[Path]):
         self.stage, self.options, self.files = str(stage_file), options, files
         self.ring: dict = {}  # the ring's layout once it exists (new workers get it in Setup)
+        self.cache: dict = {}  # the cache's ServedCache.wire() once it exists (likewise)
+        self.stateful: list[str] | None = None  # the stage's random operators, once a worker said (Ready)
         self.phase = WorkerPhase.WAITING
         self.crash_loop = CrashLoop()
         self.restarts = 0    # workers started after the first
@@ -240,10 +242,12 @@ class StageSupervisor:
         """Tasks sent and not handed back yet: with the worker, or lost with it and not yet in a `Lost`."""
         return (len(self._worker.tasks) if self._worker else 0) + len(self._lost)
 
-    def submit(self, seq: int, slot: int, indices: list[int], plan, careful: bool = False) -> None:
-        """Send the worker a task. ``careful``: one file, re-made after a failure no file explained;
-        if it fails the worker, that file is blamed even if it decodes alone."""
-        task = Task(seq, slot, [str(self.files[i]) for i in indices])
+    def submit(self, seq: int, slot: int, indices: list[int], plan, careful: bool = False,
+               rows: bool = False) -> None:
+        """Send the worker a task. ``rows``: write the samples to their cache rows. ``careful``: one
+        file, re-made after a failure no file explained; if it fails the worker, that file is blamed
+        even if it decodes alone."""
+        task = Task(seq, slot, [str(self.files[i]) for i in indices], list(indices) if rows else [])
         if not self._worker.tasks:
             self._worker.process.heard = time.monotonic()  # idle until now: the stage timeout starts here
         self._worker.tasks.append(InFlight(task, list(indices), plan, careful))
@@ -253,6 +257,11 @@ class StageSupervisor:
         self.ring = ring
         if self._worker:
             self._worker.process.link.send(MapRing(ring))
+
+    def map_cache(self, cache: dict) -> None:
+        self.cache = cache
+        if self._worker:
+            self._worker.process.link.send(MapCache(cache))
 
     def links(self) -> list:
         """What the serve loop should wake up for."""
@@ -291,7 +300,7 @@ class StageSupervisor:
     def _start(self) -> None:
         opts = self.options
         process = StageProcess(Setup(self.stage, opts.device, opts.batch_size, opts.num_threads or 0, opts.seed,
-                                     self.ring))
+                                     self.ring, self.cache))
         if self._lost_reason:  # a worker was lost before
             self.restarts += 1
             log.warning("stage worker restarted (pid %d; %d restarts so far)", process.pid, self.restarts)
@@ -304,7 +313,7 @@ class StageSupervisor:
         try:
             for msg in worker.process.messages():
                 if isinstance(msg, Ready):
-                    self.phase = WorkerPhase.READY
+                    self.phase, self.stateful = WorkerPhase.READY, msg.stateful
                 elif isinstance(msg, Filled):
                     self._filled(worker, msg)
                 elif isinstance(msg, Failed):

@@ -21,9 +21,10 @@ import numpy as np
 
 from ..errors import ConfigError, StageError
 from ..intervals import STAGE_IDLE_POLL_S, STAGE_SETUP_WAIT_S
-from ..shm import RingLayout, open_writer
-from ..wire.stage import Failed, Fatal, Filled, MapRing, Probe, Probed, Probing, Quit, Ready, Setup, StageLink, Task
-from .stage import StageBatch, build_fed_pipeline, build_pipeline, load_stage, one_line, read_encoded
+from ..shm import RingLayout, open_cache_writer, open_writer
+from ..wire.stage import (Failed, Fatal, Filled, MapCache, MapRing, Probe, Probed, Probing, Quit, Ready, Setup,
+                          StageLink, Task)
+from .stage import StageBatch, build_fed_pipeline, build_pipeline, load_stage, one_line, read_encoded, stateful_ops
 
 PR_SET_PDEATHSIG = 1
 
@@ -36,8 +37,9 @@ def die_with(parent_pid: int) -> None:
 
 
 def serve_tasks(link: StageLink, setup: Setup) -> None:
-    """The worker: decode each `Task` into its slot, in order, with up to the producer's tasks in
-    flight scheduled in DALI at once (so decoding one overlaps the copy and answer of another)."""
+    """The worker: decode each `Task` into its slot or its cache rows, in order, with up to the
+    producer's tasks in flight scheduled in DALI at once (so decoding one overlaps the copy and answer
+    of another)."""
     try:
         stage = load_stage(setup.stage)
         pipe = build_fed_pipeline(stage, batch_size=setup.batch_size, device=setup.device,
@@ -50,21 +52,25 @@ def serve_tasks(link: StageLink, setup: Setup) -> None:
         return
     try:
         writer = open_writer(RingLayout.from_wire(setup.ring)) if setup.ring else None
+        rows = open_cache_writer(setup.cache) if setup.cache else None
     except Exception as exc:  # the segment is gone, or the GPU cannot open the IPC handle
-        link.send(Failed(-1, f"cannot map the ring: {one_line(exc)}"))
+        link.send(Failed(-1, f"cannot map the ring or the cache: {one_line(exc)}"))
         return
-    link.send(Ready(os.getpid()))
+    link.send(Ready(os.getpid(), stateful_ops(pipe)))
     scheduled: deque[Task] = deque()  # fed to DALI, output not taken yet; in the order received
     while True:
         msg = link.receive(timeout=0 if scheduled else STAGE_IDLE_POLL_S)  # EOFError: the producer is gone
         while msg is not None:
             if isinstance(msg, Quit):
                 return
-            if isinstance(msg, MapRing):
+            if isinstance(msg, (MapRing, MapCache)):
                 try:
-                    writer = open_writer(RingLayout.from_wire(msg.ring))
+                    if isinstance(msg, MapRing):
+                        writer = open_writer(RingLayout.from_wire(msg.ring))
+                    else:
+                        rows = open_cache_writer(msg.cache)
                 except Exception as exc:
-                    link.send(Failed(-1, f"cannot map the ring: {one_line(exc)}"))
+                    link.send(Failed(-1, f"cannot map the ring or the cache: {one_line(exc)}"))
                     return
             elif isinstance(msg, Task):
                 try:
@@ -75,12 +81,13 @@ def serve_tasks(link: StageLink, setup: Setup) -> None:
                     return
                 scheduled.append(msg)
             msg = link.receive(timeout=0)
-        if scheduled and not _fill(link, pipe, writer, scheduled.popleft()):
+        if scheduled and not _fill(link, pipe, writer, rows, scheduled.popleft()):
             return
 
 
-def _fill(link: StageLink, pipe, writer, task: Task) -> bool:
-    """Take the oldest output, write it to the task's slot, answer; False if the worker must end."""
+def _fill(link: StageLink, pipe, writer, rows, task: Task) -> bool:
+    """Take the oldest output, write it to the task's slot or cache rows, answer; False if the worker
+    must end."""
     try:
         (out,) = pipe.outputs()
     except Exception as exc:  # DALI: a file it cannot decode
@@ -90,11 +97,13 @@ def _fill(link: StageLink, pipe, writer, task: Task) -> bool:
         batch = StageBatch.of(out)
         if task.slot >= 0:
             writer.write(task.slot, batch)
+        if task.rows:
+            rows.write(task.rows, batch)
     except (ConfigError, ValueError) as exc:  # varying shapes, or a batch bigger than the ring's slots
         link.send(Fatal(str(exc)))
         return False
     except Exception as exc:  # the copy failed (a CUDA error): this worker is done
-        link.send(Failed(task.seq, f"writing slot {task.slot} failed: {one_line(exc)}"))
+        link.send(Failed(task.seq, f"writing slot {task.slot} or its cache rows failed: {one_line(exc)}"))
         return False
     pipe.release_outputs()
     return link.send(Filled(task.seq, task.slot, list(batch.sample_shape), batch.dtype.name))

@@ -66,7 +66,7 @@ from .host import HostRing, HostRingView, HostRingWriter
 from ..errors import ProtocolError
 from .layout import DEFAULT_SLOTS, MAX_SLOTS, RingKind, RingLayout, slot_size
 
-__all__ = ["DEFAULT_SLOTS", "MAX_SLOTS", "RingKind", "RingLayout", "attach_ring", "create_ring", "open_writer"]
+__all__ = ["DEFAULT_SLOTS", "MAX_SLOTS", "RingKind", "RingLayout", "attach_ring", "create_ring", "open_cache_writer", "open_writer"]
 
 
 def create_ring(name: str, slots: int, batch_bytes: int, gpu: int | None = None):
@@ -85,6 +85,18 @@ def open_writer(layout: RingLayout):
     from .device import DeviceRingWriter
 
     return DeviceRingWriter(layout)
+
+
+def open_cache_writer(cache: dict):
+    """A stage worker's writable view of the producer's cache rows (``cache``: `ServedCache.wire`)."""
+    from .cache import CacheLayout, CacheWriter
+
+    layout = CacheLayout.from_wire(cache["layout"])
+    if layout.rows_in_file:
+        return CacheWriter(cache["path"], layout)
+    from .device import DeviceRowsWriter
+
+    return DeviceRowsWriter(RingLayout.from_wire(cache["rows"]), layout.sample_bytes)
 
 
 def attach_ring(layout: RingLayout):

@@ -1,13 +1,16 @@
-"""The decoded-sample cache's storage (issue 12, in progress): the stage's output for every sample of
-a dataset, written once by the stage worker and read by every job, in one file that is memory-mapped
-by all of them: in ``/dev/shm`` (``--cache memory``) or in a folder on a local disk (``--cache DIR``,
-which outlives the producer). Not wired into ``dalishare serve`` yet.
+"""The decoded-sample cache's storage: the stage's output for every sample of a dataset, written once
+by the stage worker and read by every job at its own pace (NOTE [ Cache protocol ] in
+producer/filling.py), in one file memory-mapped by all of them: in ``/dev/shm`` (``--cache memory``),
+in a folder on a local disk (``--cache DIR``, which outlives the producer), or, for ``--cache gpu``,
+a file of marks and labels only, the rows being one allocation on the producer's GPU (device.py).
 
-Layout of the file: a header page (magic, then the `CacheLayout` as JSON), one valid mark
-per sample (a byte, padded to a page), then one row per sample (``sample_bytes`` each, in sample
-index order). A row is valid only once its mark is 1, and the mark is written after the row's bytes
-(by the producer, after the worker said it wrote them), so a cache left half-written by a killed
-producer is resumed, never served as valid. The file is mode 0600.
+Layout of the file: a header page (magic, then the `CacheLayout` as JSON), one `Mark` per sample (a
+byte), one int64 label per sample, then one row per sample (``sample_bytes`` each, in sample index
+order), each section starting on a page. A row is served only once its mark is VALID, and the mark
+is set after the row's bytes are written (by the producer, after the worker said it wrote them), so
+a cache left half-written by a killed producer is resumed, never served as valid. The file is mode
+0600 and fully allocated when created (`posix_fallocate`), so a full disk is found then, not as a
+SIGBUS in whoever writes a row later.
 
 The cache is keyed (`cache_key`) by the dataset listing (paths, sizes, modification times), the stage
 file's content, the stage's output shape and dtype, and the DALI version: a file with another key is
@@ -16,6 +19,8 @@ never reused.
 
 from __future__ import annotations
 
+import enum
+import fcntl
 import hashlib
 import json
 import mmap
@@ -27,9 +32,18 @@ import numpy as np
 
 from ..errors import ConfigError
 
-CACHE_MAGIC = b"DALISHARE-CACHE\x01"
+CACHE_MAGIC = b"DALISHARE-CACHE\x02"
 PAGE = 4096
 CACHE_SUFFIX = ".dscache"
+
+
+class Mark(enum.IntEnum):
+    """A sample's state in the cache. MISSING -> VALID (its row is written) or MISSING -> EXCLUDED
+    (the stage cannot decode its file); nothing goes back except by rebuilding the cache."""
+
+    MISSING = 0
+    VALID = 1
+    EXCLUDED = 2
 
 
 def _pages(n: int) -> int:
@@ -44,18 +58,27 @@ class CacheLayout:
     samples: int
     sample_shape: list
     dtype: str          # numpy dtype name
+    rows_in_file: bool = True  # False: the rows are in GPU memory (--cache gpu), the file has marks and labels
 
     @property
     def sample_bytes(self) -> int:
         return int(np.prod(self.sample_shape)) * np.dtype(self.dtype).itemsize
 
     @property
-    def data_offset(self) -> int:
+    def labels_offset(self) -> int:
         return PAGE + _pages(self.samples)
 
     @property
+    def data_offset(self) -> int:
+        return self.labels_offset + _pages(8 * self.samples)
+
+    @property
+    def rows_bytes(self) -> int:
+        return self.samples * self.sample_bytes
+
+    @property
     def file_bytes(self) -> int:
-        return self.data_offset + self.samples * self.sample_bytes
+        return self.data_offset + (self.rows_bytes if self.rows_in_file else 0)
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -63,17 +86,24 @@ class CacheLayout:
     @classmethod
     def from_wire(cls, d: dict) -> "CacheLayout":
         return cls(key=str(d["key"]), samples=int(d["samples"]), sample_shape=[int(x) for x in d["sample_shape"]],
-                   dtype=str(d["dtype"]))
+                   dtype=str(d["dtype"]), rows_in_file=bool(d.get("rows_in_file", True)))
 
 
-def cache_key(files: list[Path], stage_file: Path, sample_shape: list, dtype: str, dali_version: str) -> str:
-    """The identity of a cache's content: the same key means the same pixels for every sample."""
+def listing_digest(files: list[Path]) -> bytes:
+    """The part of the key that stats every file (the slow part for a big dataset): computed once."""
     digest = hashlib.sha256()
     for path in files:
         st = os.stat(path)
         digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.digest()
+
+
+def cache_key(listing: bytes, stage_file: Path, sample_shape: list, dtype: str, dali_version: str) -> str:
+    """The identity of a cache's content: the same key means the same pixels for every sample.
+    ``listing`` is `listing_digest` of the dataset's files."""
+    digest = hashlib.sha256(listing)
     digest.update(hashlib.sha256(Path(stage_file).read_bytes()).digest())
-    digest.update(f"{list(sample_shape)}\0{dtype}\0{dali_version}".encode())
+    digest.update(f"{[int(x) for x in sample_shape]}\0{dtype}\0{dali_version}".encode())
     return digest.hexdigest()
 
 
@@ -93,69 +123,90 @@ def read_layout(path: Path) -> CacheLayout | None:
     return layout if os.path.getsize(path) == layout.file_bytes else None
 
 
-class SampleCache:
-    """The producer's side: creates the file, or reopens one of the same key (resuming its valid
-    rows), and sets the valid marks."""
+def _map(path: Path, layout: CacheLayout, writable: bool) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, layout.file_bytes, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+    finally:
+        os.close(fd)
 
-    def __init__(self, path: Path, layout: CacheLayout):
+
+def _sections(buffer, layout: CacheLayout):
+    """(marks, labels, rows) over a mapping of the whole file; rows is None for a GPU cache."""
+    marks = np.frombuffer(buffer, dtype=np.uint8, count=layout.samples, offset=PAGE)
+    labels = np.frombuffer(buffer, dtype="<i8", count=layout.samples, offset=layout.labels_offset)
+    rows = None
+    if layout.rows_in_file:
+        rows = np.frombuffer(buffer, dtype=np.uint8, count=layout.rows_bytes, offset=layout.data_offset).reshape(
+            layout.samples, layout.sample_bytes)
+    return marks, labels, rows
+
+
+class SampleCache:
+    """The producer's side: creates the file (fully allocated: `OSError` ENOSPC if it does not fit),
+    or reopens one of the same key (resuming its valid rows); sets the marks."""
+
+    def __init__(self, path: Path, layout: CacheLayout, labels: np.ndarray):
         self.path, self.layout = Path(path), layout
-        self.resumed = False  # an existing file of the same key was reopened
-        if read_layout(self.path) == layout:
-            fd = os.open(self.path, os.O_RDWR)
-            self.resumed = True
-        else:
-            self.path.unlink(missing_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.ftruncate(fd, layout.file_bytes)  # sparse: only written rows take space
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:  # held while the producer lives: two producers must not fill one file
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"the cache {self.path} is being filled by another producer; give this one "
+                                  f"another --cache folder, or stop that one") from None
+            os.fchmod(self._fd, 0o600)
+            self.resumed = read_layout(self.path) == layout  # an existing file of the same key is reopened
+            if not self.resumed:
+                os.ftruncate(self._fd, 0)  # a file of another key (or half-made) is rebuilt
+                os.posix_fallocate(self._fd, 0, layout.file_bytes)  # the disk fills now, or never under a writer
+                os.pwrite(self._fd, np.asarray(labels, dtype="<i8").tobytes(), layout.labels_offset)
                 header = CACHE_MAGIC + json.dumps(layout.to_wire()).encode()
                 if len(header) > PAGE:
                     raise ConfigError(f"cache header of {len(header)} bytes does not fit a page")
-                os.pwrite(fd, header, 0)
-            except BaseException:
-                os.close(fd)
+                os.pwrite(self._fd, header, 0)  # last: a file cut short before this is no cache
+            self._map = _map(self.path, layout, writable=True)
+        except BaseException:
+            if not getattr(self, "resumed", True):
                 self.path.unlink(missing_ok=True)
-                raise
-        try:
-            self._map = mmap.mmap(fd, layout.file_bytes)
-        finally:
-            os.close(fd)
-        self.marks = np.frombuffer(self._map, dtype=np.uint8, count=layout.samples, offset=PAGE)
+            os.close(self._fd)
+            raise
+        self.marks, self.labels, _ = _sections(self._map, layout)
 
     def valid_count(self) -> int:
-        return int(np.count_nonzero(self.marks))
+        return int(np.count_nonzero(self.marks == Mark.VALID))
 
     def missing(self) -> np.ndarray:
-        """Sample indices whose rows are not valid yet."""
-        return np.flatnonzero(self.marks == 0)
+        """Sample indices with neither a valid row nor an exclusion yet."""
+        return np.flatnonzero(self.marks == Mark.MISSING)
 
-    def mark(self, indices) -> None:
-        """These rows are written (the worker said so): valid from now on."""
-        self.marks[np.asarray(indices, dtype=np.int64)] = 1
+    def excluded(self) -> np.ndarray:
+        return np.flatnonzero(self.marks == Mark.EXCLUDED)
+
+    def mark(self, indices, mark: Mark = Mark.VALID) -> None:
+        """VALID: these rows are written (the worker said so); EXCLUDED: their files cannot be decoded."""
+        self.marks[np.asarray(indices, dtype=np.int64)] = mark
 
     def close(self, remove: bool = False) -> None:
-        self.marks = None
+        self.marks = self.labels = None
         self._map.close()
         if remove:
             self.path.unlink(missing_ok=True)
+        os.close(self._fd)  # drops the lock
 
 
 class CacheWriter:
-    """The stage worker's side: writes rows."""
+    """The stage worker's side of a cache whose rows are in the file: writes rows."""
 
     def __init__(self, path: Path, layout: CacheLayout):
         self.layout = layout
-        fd = os.open(path, os.O_RDWR)
-        try:
-            self._map = mmap.mmap(fd, layout.file_bytes)
-        finally:
-            os.close(fd)
-        self._rows = np.frombuffer(self._map, dtype=np.uint8, offset=layout.data_offset).reshape(
-            layout.samples, layout.sample_bytes)
+        self._map = _map(Path(path), layout, writable=True)
+        _, _, self._rows = _sections(self._map, layout)
 
-    def write(self, indices, batch: np.ndarray) -> None:
-        """Row ``indices[i]`` := sample i of ``batch`` (``len(indices)`` samples of the layout's shape)."""
-        self._rows[np.asarray(indices, dtype=np.int64)] = batch.reshape(len(indices), -1).view(np.uint8)
+    def write(self, indices, batch) -> None:
+        """Row ``indices[i]`` := sample i of ``batch`` (a `stage.StageBatch` on the CPU)."""
+        data = batch.numpy()
+        self._rows[np.asarray(indices, dtype=np.int64)] = data.reshape(len(indices), -1).view(np.uint8)
 
     def close(self) -> None:
         self._rows = None
@@ -163,40 +214,38 @@ class CacheWriter:
 
 
 class CacheView:
-    """A job's side: a read-only mapping; gathers valid rows into a batch it owns (one copy)."""
+    """A job's side: a read-only mapping of the marks, labels and (unless on a GPU) rows; gathers
+    valid rows into a batch it owns (one copy)."""
 
     def __init__(self, path: Path):
         layout = read_layout(path)
         if layout is None:
             raise ConfigError(f"{path} is not a complete dalishare cache file")
         self.layout = layout
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            self._map = mmap.mmap(fd, layout.file_bytes, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        self.marks = np.frombuffer(self._map, dtype=np.uint8, count=layout.samples, offset=PAGE)
-        self._rows = np.frombuffer(self._map, dtype=np.uint8, offset=layout.data_offset).reshape(
-            layout.samples, layout.sample_bytes)
+        self._map = _map(Path(path), layout, writable=False)
+        self.marks, self.labels, self._rows = _sections(self._map, layout)
 
-    def ready(self, indices) -> bool:
-        return bool(self.marks[np.asarray(indices, dtype=np.int64)].all())
-
-    def gather(self, indices, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows ``indices`` as one array of the samples' shape and dtype (a copy the caller owns)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        shape = (len(idx), *self.layout.sample_shape)
-        if out is None:
-            out = np.empty(shape, dtype=self.layout.dtype)
-        np.take(self._rows, idx, axis=0, out=out.reshape(len(idx), -1).view(np.uint8))
+    def gather(self, indices, out: np.ndarray) -> np.ndarray:
+        """Rows ``indices`` into ``out`` (of the samples' shape and dtype): one copy, which the caller owns."""
+        np.take(self._rows, np.asarray(indices, dtype=np.int64), axis=0, out=out.reshape(len(indices), -1).view(np.uint8))
         return out
 
     def close(self) -> None:
-        self.marks = self._rows = None
+        self.marks = self.labels = self._rows = None
         try:
             self._map.close()
         except BufferError:
             pass  # arrays a caller still holds keep the mapping; it goes with the last of them
+
+
+def find_cache(folder: Path, listing: bytes, stage_file: Path, dali_version: str) -> tuple[Path, CacheLayout] | None:
+    """The cache in ``folder`` whose key matches this dataset listing, stage file and DALI version
+    for the shape and dtype it records, if any: a restart then needs to decode nothing to know them."""
+    for path, layout, _ in list_caches(folder):
+        if layout is not None and layout.rows_in_file and \
+                layout.key == cache_key(listing, stage_file, layout.sample_shape, layout.dtype, dali_version):
+            return path, layout
+    return None
 
 
 def list_caches(folder: Path) -> list[tuple[Path, CacheLayout | None, int]]:
@@ -208,6 +257,6 @@ def list_caches(folder: Path) -> list[tuple[Path, CacheLayout | None, int]]:
         if layout is not None:
             with open(path, "rb") as f:
                 f.seek(PAGE)
-                valid = int(np.count_nonzero(np.frombuffer(f.read(layout.samples), dtype=np.uint8)))
+                valid = int(np.count_nonzero(np.frombuffer(f.read(layout.samples), dtype=np.uint8) == Mark.VALID))
         found.append((path, layout, valid))
     return found

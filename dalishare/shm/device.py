@@ -89,6 +89,32 @@ class DeviceRingWriter:
         self._mapping = None
 
 
+class DeviceRowsWriter:
+    """A stage worker's mapping of a GPU cache's rows (a one-slot `DeviceRing` of ``samples`` rows of
+    ``sample_bytes``): scatters batches into rows (NOTE [ Cache protocol ] in producer/filling.py)."""
+
+    def __init__(self, layout: RingLayout, sample_bytes: int):
+        cp = cupy()
+        self._gpu = cp.cuda.runtime.deviceGetByPCIBusId(layout.gpu)
+        self._mapping = _IpcMapping(layout.handle, self._gpu)
+        memory = cp.cuda.UnownedMemory(self._mapping.ptr, layout.slot_bytes, self._mapping, self._gpu)
+        self._rows = cp.ndarray((layout.slot_bytes // sample_bytes, sample_bytes), cp.uint8,
+                                cp.cuda.MemoryPointer(memory, 0))
+
+    def write(self, indices, batch) -> None:
+        """Rows ``indices`` := the samples of ``batch`` (a `stage.StageBatch` on this GPU); returns once
+        the copies have finished on the GPU, so the rows are marked valid only after they landed."""
+        cp = cupy()
+        with cp.cuda.Device(self._gpu):
+            dense = cp.empty((len(indices), self._rows.shape[1]), cp.uint8)
+            batch.copy_to(dense.data.ptr)  # blocking, on DALI's stream
+            self._rows[cp.asarray(list(indices), dtype=cp.int64)] = dense
+            cp.cuda.get_current_stream().synchronize()
+
+    def close(self) -> None:
+        self._rows = self._mapping = None
+
+
 class _IpcMapping:
     """One opened IPC handle. It is closed when the last view of it goes (tensors a user kept
     included), never under a live view."""

@@ -5,7 +5,10 @@ Every resource of a producer named NAME with process id PID:
 - ``<runtime dir>/NAME.lock``  held with ``flock`` while the producer lives (one producer per name);
   it also records the producer's pid for error messages.
 - ``<runtime dir>/NAME.sock``  the ZeroMQ ``ipc://`` control endpoint.
-- ``/dev/shm/dalishare.NAME.PID``  the host ring (one POSIX shared-memory segment).
+- ``/dev/shm/dalishare.NAME.PID``  the host ring (one POSIX shared-memory segment), or the header of
+  a device ring.
+- ``/dev/shm/dalishare.NAME.PID.dscache``  a ``--cache memory`` or ``--cache gpu`` cache file (a
+  ``--cache DIR`` file lives in DIR and outlives the producer on purpose).
 
 The runtime directory is per user and mode 0700: ``$DALISHARE_RUNTIME_DIR``, else
 ``$XDG_RUNTIME_DIR/dalishare``, else ``/tmp/dalishare-UID``. `clean_stale` removes whatever a dead
@@ -28,7 +31,7 @@ SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "dalishare."
 # Everything a producer may leave behind, from which `clean_stale` works: per name, in the runtime
 # dir, files named NAME + suffix (the lock guards the others); per producer, a segment in SHM_DIR
-# named SHM_PREFIX + NAME.PID (stale once PID is dead).
+# named SHM_PREFIX + NAME.PID, and its cache file, that name + CACHE_SUFFIX (stale once PID is dead).
 RUNTIME_FILES = {"socket": ".sock", "lock": ".lock"}
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -69,6 +72,12 @@ def lock_path(name: str) -> Path:
 
 def shm_name(name: str, pid: int) -> str:
     return f"{SHM_PREFIX}{check_name(name)}.{pid}"
+
+
+def memory_cache_path(name: str, pid: int) -> Path:
+    from .cache import CACHE_SUFFIX
+
+    return SHM_DIR / f"{shm_name(name, pid)}{CACHE_SUFFIX}"
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -151,8 +160,8 @@ def clean_stale(name: str | None = None) -> list[str]:
     """
     removed: list[str] = []
     for seg in SHM_DIR.glob(f"{SHM_PREFIX}*"):
-        parts = seg.name.split(".")
-        if len(parts) != 3 or (name and parts[1] != name) or not parts[2].isdigit():
+        parts = seg.name.split(".")  # dalishare.NAME.PID, or with the cache suffix
+        if len(parts) not in (3, 4) or (name and parts[1] != name) or not parts[2].isdigit():
             continue
         try:
             if seg.stat().st_uid == os.getuid() and not pid_alive(int(parts[2])):

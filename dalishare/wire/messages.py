@@ -4,7 +4,7 @@ Each message is a frozen dataclass. On the wire it is one msgpack map: ``{"t": T
 Decoding checks the tag, the exact set of fields and each field's type, so a stranger's bytes become
 a `ProtocolError` (which the receiver counts and drops), never code: no pickle anywhere.
 
-Job -> producer: Hello, Release, Heartbeat, Resume, Bye.
+Job -> producer: Hello, Release, Heartbeat, Resume, EpochDone, Bye.
 Producer -> job: Starting, Welcome, Reject, Batch, Suspended, Heartbeat (a probe), Stop.
 
 NOTE [ Control protocol ]
@@ -19,7 +19,9 @@ Cited from the loops that implement it: the producer's (producer/server.py) and 
   once and keeps waiting while that pid lives and the repeats come (each one re-arms its wait:
   ``attach_timeout``, at least STARTING_SILENCE_S). A ``Stop`` instead: `ProducerLost` with the reason. Once the ring exists it registers the job under a random id and answers
   ``Welcome`` (id, ring layout, sample shape and dtype, epoch size, batch size, classes), then
-  announces the resident batches of the current epoch (a late job gets the rest of it). No answer
+  announces the resident batches of the current epoch (a late job gets the rest of it). With a
+  cache, ``Welcome`` carries the cache instead of a ring and nothing is announced: the job reads at
+  its own pace (NOTE [ Cache protocol ], producer/filling.py). No answer
   in time: `ProducerNotFound`; the starting producer gone: `ProducerLost`.
 - Announcements. Producer: ``Batch`` to every active job for each slot it fills, in seq order;
   from then on the job holds the slot (NOTE [ Slot ownership ], shm/__init__.py).
@@ -52,7 +54,7 @@ import msgpack
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 3  # 2: Hello.keep, Heartbeat.taken; 3: Starting
+PROTOCOL_VERSION = 4  # 2: Hello.keep, Heartbeat.taken; 3: Starting; 4: the cache (Welcome.cache, EpochDone)
 MAX_MESSAGE_BYTES = 1 << 20  # a batch announcement of 10,000 samples is ~170 kB
 
 
@@ -67,12 +69,15 @@ class Hello:
 class Welcome:
     job_id: int
     producer_pid: int
-    ring: dict              # ring.RingLayout.to_wire()
+    ring: dict              # ring.RingLayout.to_wire(), or {} when serving from a cache
+    cache: dict             # filling.ServedCache.wire(), or {} when serving from a ring
     sample_shape: list      # e.g. [224, 224, 3]
     dtype: str              # numpy dtype name of the pixels, e.g. "uint8"
     epoch_size: int         # samples per epoch
     batch_size: int         # the producer's batch size
     classes: list
+    seed: int               # the producer's --seed: a cache job computes the shared order from it
+    epochs: int             # the producer's --epochs, 0 for none
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,14 @@ class Heartbeat:
 
     job_id: int
     taken: int = -1
+
+
+@dataclass(frozen=True)
+class EpochDone:
+    """A job reading from a cache finished a pass; it has read ``epochs`` epochs (for ``--epochs``)."""
+
+    job_id: int
+    epochs: int
 
 
 @dataclass(frozen=True)
@@ -177,7 +190,8 @@ class Resume:
 
 
 MESSAGES = {cls.__name__.lower(): cls
-            for cls in (Hello, Starting, Welcome, Reject, Batch, Release, Heartbeat, Bye, Stop, Suspended, Resume)}
+            for cls in (Hello, Starting, Welcome, Reject, Batch, Release, Heartbeat, EpochDone, Bye, Stop, Suspended,
+                         Resume)}
 _TYPES = {"int": int, "str": str, "bytes": bytes, "dict": dict, "list": list, "bool": bool}
 
 

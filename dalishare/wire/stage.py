@@ -11,16 +11,19 @@ Cited from the producer's supervisor (producer/supervisor.py) and the stage proc
 (producer/worker.py). The producer never runs DALI; a worker's crash ends only the worker.
 
 - Start. Producer: spawns ``python -m dalishare.producer.worker FD`` with one end of a socket pair
-  and sends ``Setup`` (stage file, device, batch size, threads, seed; the ring, once it exists).
-  Worker: dies with the producer (PR_SET_PDEATHSIG), ignores SIGINT (the producer stops it), imports
-  the stage and builds its pipeline, answers ``Ready(pid)``; a stage that does not import or build
-  answers ``Fatal(reason)`` and exits.
+  and sends ``Setup`` (stage file, device, batch size, threads, seed; the ring or the cache, once it
+  exists). Worker: dies with the producer (PR_SET_PDEATHSIG), ignores SIGINT (the producer stops
+  it), imports the stage and builds its pipeline, answers ``Ready(pid, stateful)`` (the stage's
+  random operators: such a stage is not cached); a stage that does not import or build answers
+  ``Fatal(reason)`` and exits.
 - Tasks. Producer: ``Task(seq, slot, files)``, at most STAGE_TASKS_IN_FLIGHT unanswered per worker;
   slot -1 asks only for the batch's shape (the first batch sizes the ring, which the producer then
-  creates and sends in ``MapRing``). Before sending a task it marks the slot's header -1 (being
-  written). Worker: decodes tasks in the order received, copies each batch into its slot (the copy
+  creates and sends in ``MapRing``, or the cache, sent in ``MapCache``). Before sending a task it
+  marks the slot's header -1 (being written). Worker: decodes tasks in the order received, copies
+  each batch into its slot, or each sample into its cache row when the task has ``rows`` (the copy
   has finished, also on a GPU, when it answers) and answers ``Filled(seq, slot, shape, dtype)``.
-  Producer: marks the header with the seq and announces the slot to the jobs.
+  Producer: marks the header with the seq and announces the slot to the jobs, or marks the rows
+  valid (NOTE [ Cache protocol ] in producer/filling.py).
 - Bad data. Worker: DALI's exception on a task becomes ``Failed(seq, reason)``, then the worker exits
   (a pipeline that failed is not reused: the native state that broke may be corrupt). A batch of
   another shape than the ring's is ``Fatal``.
@@ -59,7 +62,8 @@ class Setup:
     batch_size: int
     num_threads: int    # 0: all cores
     seed: int
-    ring: dict          # RingLayout.to_wire(), or {} before the ring exists
+    ring: dict          # RingLayout.to_wire(), or {} before the ring exists (or with a cache)
+    cache: dict         # ServedCache.wire(), or {} (no cache, or before it exists)
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,18 @@ class MapRing:
 
 
 @dataclass(frozen=True)
+class MapCache:
+    """The cache now exists: tasks with rows write into it."""
+
+    cache: dict
+
+
+@dataclass(frozen=True)
 class Task:
     seq: int
-    slot: int           # -1: decode, report the shape, write nothing
+    slot: int           # ring slot to write; -1: write no slot (only rows, if any; or only report the shape)
     files: list         # paths, in batch order
+    rows: list          # cache rows (sample indices) to write, one per file; [] for none
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,7 @@ class Quit:
 @dataclass(frozen=True)
 class Ready:
     pid: int
+    stateful: list      # the stage's operators whose output changes from run to run (`stage.stateful_ops`)
 
 
 @dataclass(frozen=True)
@@ -132,7 +145,7 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux's value; Python 
 LINK_BUFFER_BYTES = 4 << 20  # a Task of ~40,000 paths; without root the kernel may cap it (wmem_max)
 
 STAGE_MESSAGES = {cls.__name__.lower(): cls for cls in
-                  (Setup, MapRing, Task, Quit, Ready, Filled, Failed, Fatal, Probe, Probing, Probed)}
+                  (Setup, MapRing, MapCache, Task, Quit, Ready, Filled, Failed, Fatal, Probe, Probing, Probed)}
 
 
 class StageLink:

@@ -15,7 +15,8 @@ import pytest
 
 from helpers import RESNET, ROOT, make_dataset
 from dalishare.shm import names as runtime
-from dalishare.producer.dataset import epoch_order, scan
+from dalishare.producer.dataset import scan
+from dalishare.wire.order import epoch_order
 from dalishare.errors import AlreadyServing, DatasetError, StageError
 from dalishare.producer.stage import load_stage
 

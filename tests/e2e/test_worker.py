@@ -19,7 +19,7 @@ import pytest
 from helpers import ROOT, Server, make_dataset
 from dalishare import DaliShareIterator
 from dalishare.errors import ProducerLost
-from dalishare.producer.dataset import epoch_order
+from dalishare.wire.order import epoch_order
 
 FAULTY = ROOT / "tests" / "helpers" / "stages" / "faulty.py"
 MARK = b"DALISHARE-TEST-FAULT"

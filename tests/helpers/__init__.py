@@ -48,9 +48,12 @@ def expected_labels(root: Path) -> list[int]:
 
 class Server(ProducerProcess):
     """``dalishare serve`` in a child process (named ``t`` unless told); stopped with SIGTERM at exit,
-    and a producer that does not exit in time fails the test with its log."""
+    and a producer that does not exit in time fails the test with its log. It streams through the
+    ring (``--cache off``) unless the test passes ``--cache``: most tests are about the ring."""
 
     def __init__(self, data: Path, *args: str, name: str = "t", pipeline: Path = RESNET):
+        if "--cache" not in args:
+            args = (*args, "--cache", "off")
         super().__init__(data, *args, name=name, pipeline=pipeline)
 
     def wait(self, timeout: float = 60) -> int:
@@ -107,7 +110,8 @@ def expected_checksums(data, device: str, epochs: int, batch_size: int = PRODUCE
     import torch
     from helpers.gpu_job import checksum
 
-    from dalishare.producer.dataset import epoch_order, scan
+    from dalishare.producer.dataset import scan
+    from dalishare.wire.order import epoch_order
     from dalishare.producer.stage import load_stage, standalone_batches
 
     ds, stage, expected = scan(data), load_stage(RESNET), {}

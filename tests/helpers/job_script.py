@@ -27,7 +27,8 @@ def die(how: str, loader) -> None:
 
 spec = json.loads(sys.argv[1])
 passes, done, death = [], 0, spec.get("die")
-with DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), attach_timeout=60) as loader:
+with DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), attach_timeout=60,
+                       seed=spec.get("seed")) as loader:
     open(spec["out"] + ".attached", "w").close()  # lets a test wait for the attach itself
     for _ in range(spec.get("passes", 1)):
         batches = []

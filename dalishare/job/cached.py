@@ -1,0 +1,80 @@
+"""A job's side of a producer's cache: its mapping (`CachedSamples`), and which samples make the next
+batch of a pass (`take`). Each pass is one epoch read at the job's own pace, in the producer's order
+or its own (``seed=``); the message sequence is NOTE [ Cache protocol ] in producer/filling.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..shm import RingLayout, attach_ring
+from ..shm.cache import CacheView, Mark
+from .views import slot_tensors
+
+
+class CachedSamples:
+    """The producer's cache as this job maps it: the marks and labels (host memory) and the rows
+    (host memory, read-only; or the producer's GPU, through its IPC handle)."""
+
+    def __init__(self, wire: dict):
+        self.view = CacheView(Path(wire["path"]))
+        layout = self.layout = self.view.layout
+        self.marks, self.labels = self.view.marks, self.view.labels
+        self._ring, self._gpu_rows = None, None
+        self.device = torch.device("cpu")
+        if not layout.rows_in_file:
+            try:
+                self._ring = attach_ring(RingLayout.from_wire(wire["rows"]))
+                tensors, self.device = slot_tensors(self._ring)
+            except BaseException:
+                self.close()
+                raise
+            self._gpu_rows = tensors[0][: layout.rows_bytes].view(layout.samples, layout.sample_bytes)
+
+    def excluded(self) -> int:
+        return int(np.count_nonzero(self.marks == Mark.EXCLUDED))
+
+    def valid(self) -> int:
+        return int(np.count_nonzero(self.marks == Mark.VALID))
+
+    def gather(self, indices: np.ndarray, shape: tuple, dtype: torch.dtype, target: torch.device) -> torch.Tensor:
+        """The samples ``indices`` (all VALID) as one tensor this job owns, on ``target``: one copy
+        from the cache (a gather on the GPU for a GPU cache), plus one to ``target`` if it is elsewhere."""
+        n = len(indices)
+        if self._gpu_rows is not None:
+            index = torch.from_numpy(indices).pin_memory().to(self.device, non_blocking=True)
+            images = self._gpu_rows.index_select(0, index).view(dtype).view(n, *shape)  # on the current stream
+            return images if images.device == target else images.to(target)
+        images = torch.empty((n, *shape), dtype=dtype, pin_memory=target.type == "cuda")
+        self.view.gather(indices, images.numpy())
+        return images if target.type == "cpu" else images.to(target, non_blocking=True)
+
+    def close(self) -> None:
+        self._gpu_rows = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self.marks = self.labels = None
+        self.view.close()
+
+
+def take(marks: np.ndarray, order: np.ndarray, pos: int, count: int) -> tuple[np.ndarray, int, int]:
+    """Up to ``count`` VALID samples of ``order`` from position ``pos`` on, skipping EXCLUDED ones and
+    stopping before the first MISSING one: (those samples, the position after them, that MISSING
+    sample's index or -1)."""
+    picked = []
+    got = 0
+    while got < count and pos < len(order):
+        chunk = order[pos : pos + count - got]
+        states = marks[chunk]
+        missing = np.flatnonzero(states == Mark.MISSING)
+        end = int(missing[0]) if missing.size else len(chunk)
+        ready = chunk[:end][states[:end] == Mark.VALID]
+        picked.append(ready)
+        got, pos = got + len(ready), pos + end
+        if missing.size:
+            return np.concatenate(picked), pos, int(chunk[end])
+    return (np.concatenate(picked) if picked else np.empty(0, dtype=np.int64)), pos, -1
