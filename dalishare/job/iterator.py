@@ -201,8 +201,7 @@ class DaliShareIterator:
         self.epoch = self._passes_read
         order = epoch_order(cache.layout.samples, session.producer_seed if self.seed is None else self.seed,
                             self.epoch)
-        self._counters.excluded = cache.excluded()
-        session.samples_per_epoch = cache.layout.samples - self._counters.excluded
+        self._count_excluded()
         try:
             for indices in self._cached_batches(order):
                 labels = torch.from_numpy(cache.labels[indices].astype(np.int64))
@@ -219,6 +218,12 @@ class DaliShareIterator:
             session.epoch_done(self._passes_read)
         if self.reconnect and session.lost:
             self._reconnect()
+
+    def _count_excluded(self) -> None:
+        """The files the producer excluded so far (the fill finds them), and so the epoch's size."""
+        cache = self._session.cache
+        self._counters.excluded = cache.excluded()
+        self._session.samples_per_epoch = cache.layout.samples - self._counters.excluded
 
     def _cached_batches(self, order: np.ndarray):
         """The sample indices of each batch of ``order``: full batches of VALID samples, excluded
@@ -240,7 +245,9 @@ class DaliShareIterator:
             elif time.monotonic() >= next_check:  # the producer's Stop, failure or death, while reading
                 if not session.producer_serves(self.reconnect):
                     return
+                self._count_excluded()
                 next_check = time.monotonic() + PRODUCER_POLL_S
+        self._count_excluded()
         if have:
             yield np.concatenate(parts)
 

@@ -272,6 +272,7 @@ class Producer:
             rows, careful = self._fill.next_rows(self.options.batch_size)
             self._supervisor.submit(self._seq, -1, rows, rows, careful=careful, rows=True)
             self._seq, self._started = self._seq + 1, True
+            self._fill_started = self._fill_started or time.monotonic()
             return
         careful = self._careful_until is not None
         plan = self._feed.next_plan(limit=1 if careful else None)
@@ -351,8 +352,9 @@ class Producer:
         limit = opts.cache_limit if opts.cache_limit is not None else default_limit()
         choice = choose(mode, folder, samples=len(self._dataset), sample_bytes=sample_bytes, limit=limit,
                         stateful_ops=self._supervisor.stateful or [])
-        log.info("%r: %s", opts.name, choice.reason)
-        if choice.mode is not CacheMode.OFF:
+        if choice.mode is CacheMode.OFF:
+            log.info("%r: %s", opts.name, choice.reason)
+        else:
             key = cache_key(self._listing, self.pipeline_file, self._sample_shape, self._dtype.name, dali_version())
             layout = CacheLayout(key, len(self._dataset), self._sample_shape, self._dtype.name,
                                  rows_in_file=choice.mode is not CacheMode.GPU)
@@ -367,6 +369,7 @@ class Producer:
         """Create or reopen the cache, have the worker fill what is missing, welcome the jobs that
         waited (NOTE [ Cache protocol ] in filling.py)."""
         opts = self.options
+        log.info("%r: %s", opts.name, choice.reason)
         path = disk_cache_path(choice.folder, self.data, self.pipeline_file) if choice.mode is CacheMode.DISK \
             else ServedCache.memory_path(opts.name)
         self._cache = ServedCache(choice.mode, path, layout, self._dataset.labels, opts.name, parse_device(opts.device))
@@ -377,7 +380,7 @@ class Producer:
         store = self._cache.store
         store.mark(list(self._feed.excluded), Mark.EXCLUDED)  # found while measuring
         self._fill = CacheFill(store.marks, epoch_order(len(self._dataset), opts.seed, 0))
-        self._fill_started = time.monotonic()
+        self._fill_started: float | None = None  # when the first fill task went out
         log.info("%r: cache %s: %d of %d samples decoded%s, %d excluded; %s", opts.name, store.path,
                  store.valid_count(), layout.samples, " (resumed)" if store.resumed else "", len(store.excluded()),
                  f"{self._fill.pending()} to decode" if self._fill.pending() else "nothing to decode")
@@ -390,7 +393,7 @@ class Producer:
         self._enter_serving(f"{human(layout.rows_bytes)} cache in {choice.mode.value} ({store.path})")
 
     def _cache_full(self) -> None:
-        took = time.monotonic() - self._fill_started
+        took = time.monotonic() - (self._fill_started or time.monotonic())
         store = self._cache.store
         log.info("%r: the cache is full: %d samples decoded in %.1f s (%.0f/s), %d excluded; no more decoding",
                  self.options.name, store.valid_count(), took, store.valid_count() / max(took, 1e-9),

@@ -30,6 +30,8 @@ passes, done, death = [], 0, spec.get("die")
 with DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), attach_timeout=60,
                        seed=spec.get("seed")) as loader:
     open(spec["out"] + ".attached", "w").close()  # lets a test wait for the attach itself
+    cache = loader._session.cache
+    cached_at_attach = cache.valid() if cache is not None else None
     for _ in range(spec.get("passes", 1)):
         batches = []
         for batch in loader:
@@ -47,6 +49,7 @@ with DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), attach_t
                             "dtype": str(images.dtype), "digest": digest})
         passes.append({"epoch": loader.epoch, "batches": batches})
     result = {"passes": passes, "len": len(loader), "stop_reason": loader.stop_reason,
-              "missed": loader.missed_samples, "excluded": loader.excluded_samples}
+              "missed": loader.missed_samples, "excluded": loader.excluded_samples,
+              "cached_at_attach": cached_at_attach, "finished_at": time.monotonic()}
 with open(spec["out"], "w") as f:
     json.dump(result, f)

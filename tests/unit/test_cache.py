@@ -1,41 +1,51 @@
-"""The decoded-sample cache's storage (shm/cache.py): rows, valid marks, resuming, keys. Plain files
-in a temporary folder; no DALI, no producer."""
+"""The decoded-sample cache's parts without processes: its storage (shm/cache.py: rows, marks,
+labels, resuming, keys, the lock), the producer's fill plan (filling.CacheFill) and the job's batch
+cutting (job/cached.take). Plain files in a temporary folder; no DALI, no producer."""
 
 from __future__ import annotations
 
 import os
 import stat
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from dalishare.errors import ConfigError
-from dalishare.shm.cache import (CACHE_SUFFIX, CacheLayout, CacheView, CacheWriter, SampleCache, cache_key,
-                                 list_caches, read_layout)
+from dalishare.job.cached import take
+from dalishare.producer.filling import CacheFill
+from dalishare.shm.cache import (CACHE_SUFFIX, CacheLayout, CacheView, CacheWriter, Mark, SampleCache, cache_key,
+                                 list_caches, listing_digest, read_layout)
 
 LAYOUT = CacheLayout(key="k1", samples=10, sample_shape=[4, 3, 3], dtype="uint8")
+LABELS = np.arange(10) % 3
 
 
-def _samples(indices) -> np.ndarray:
-    return np.stack([np.full(LAYOUT.sample_shape, i + 1, dtype=np.uint8) for i in indices])
+def _batch(indices):
+    """A stand-in for a `stage.StageBatch` on the CPU: sample i is filled with i + 1."""
+    data = np.stack([np.full(LAYOUT.sample_shape, i + 1, dtype=np.uint8) for i in indices])
+    return SimpleNamespace(numpy=lambda: data)
 
 
 def test_rows_written_by_the_worker_are_served_only_once_marked_and_gathered_into_a_batch(tmp_path):
     path = tmp_path / f"a{CACHE_SUFFIX}"
-    cache = SampleCache(path, LAYOUT)
+    cache = SampleCache(path, LAYOUT, LABELS)
     writer, view = CacheWriter(path, LAYOUT), CacheView(path)
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        writer.write([3, 7], _samples([3, 7]))
-        assert not view.ready([3])  # written, not marked: a killed producer leaves such rows invalid
+        assert os.stat(path).st_blocks * 512 >= LAYOUT.file_bytes, "the file is allocated when created"
+        assert view.labels.tolist() == LABELS.tolist()
+        writer.write([3, 7], _batch([3, 7]))
+        assert view.marks[[3, 7]].tolist() == [Mark.MISSING] * 2  # written, not marked: not valid yet
         cache.mark([3, 7])
-        assert view.ready([7, 3]) and not view.ready([3, 4])
-        batch = view.gather([7, 3, 7])
-        assert batch.shape == (3, 4, 3, 3) and batch.dtype == np.uint8
+        cache.mark([5], Mark.EXCLUDED)
+        assert view.marks[[3, 7, 5, 4]].tolist() == [Mark.VALID, Mark.VALID, Mark.EXCLUDED, Mark.MISSING]
+        batch = view.gather([7, 3, 7], np.empty((3, 4, 3, 3), np.uint8))
         assert batch[:, 0, 0, 0].tolist() == [8, 4, 8]
         batch[:] = 0  # the job owns its copy: the cache is untouched
-        assert view.gather([3])[0, 0, 0, 0] == 4
-        assert cache.valid_count() == 2 and cache.missing().tolist() == [0, 1, 2, 4, 5, 6, 8, 9]
+        assert view.gather([3], np.empty((1, 4, 3, 3), np.uint8))[0, 0, 0, 0] == 4
+        assert cache.valid_count() == 2 and cache.excluded().tolist() == [5]
+        assert cache.missing().tolist() == [0, 1, 2, 4, 6, 8, 9]
     finally:
         view.close()
         writer.close()
@@ -44,24 +54,46 @@ def test_rows_written_by_the_worker_are_served_only_once_marked_and_gathered_int
 
 def test_a_cache_of_the_same_key_is_resumed_and_one_of_another_key_is_rebuilt(tmp_path):
     path = tmp_path / f"a{CACHE_SUFFIX}"
-    cache = SampleCache(path, LAYOUT)
+    cache = SampleCache(path, LAYOUT, LABELS)
     writer = CacheWriter(path, LAYOUT)
-    writer.write([0, 1], _samples([0, 1]))
+    writer.write([0, 1], _batch([0, 1]))
     cache.mark([0])  # the producer was killed before marking row 1
+    cache.mark([2], Mark.EXCLUDED)
     writer.close()
     cache.close()
-    again = SampleCache(path, LAYOUT)
-    assert again.resumed and again.missing().tolist() == list(range(1, 10))
+    again = SampleCache(path, LAYOUT, LABELS)
+    assert again.resumed and again.missing().tolist() == [1] + list(range(3, 10)) and again.excluded().tolist() == [2]
     again.close()
-    other = SampleCache(path, CacheLayout(key="k2", samples=10, sample_shape=[4, 3, 3], dtype="uint8"))
-    assert not other.resumed and other.valid_count() == 0
+    other = SampleCache(path, CacheLayout(key="k2", samples=10, sample_shape=[4, 3, 3], dtype="uint8"), LABELS)
+    assert not other.resumed and other.valid_count() == 0 and not other.excluded().size
     other.close(remove=True)
     assert not path.exists()
 
 
+def test_two_producers_cannot_fill_one_cache_file(tmp_path):
+    path = tmp_path / f"a{CACHE_SUFFIX}"
+    first = SampleCache(path, LAYOUT, LABELS)
+    try:
+        with pytest.raises(ConfigError, match="being filled by another producer"):
+            SampleCache(path, LAYOUT, LABELS)
+    finally:
+        first.close()
+    SampleCache(path, LAYOUT, LABELS).close()  # the lock went with the first
+
+
+def test_a_cache_that_does_not_fit_the_disk_fails_at_creation_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match="No space"):
+        SampleCache(tmp_path / f"a{CACHE_SUFFIX}", LAYOUT, LABELS)
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_truncated_or_foreign_file_is_not_a_cache(tmp_path):
     path = tmp_path / f"a{CACHE_SUFFIX}"
-    SampleCache(path, LAYOUT).close()
+    SampleCache(path, LAYOUT, LABELS).close()
     with open(path, "r+b") as f:
         f.truncate(LAYOUT.file_bytes - 1)
     assert read_layout(path) is None
@@ -73,8 +105,9 @@ def test_a_truncated_or_foreign_file_is_not_a_cache(tmp_path):
 
 
 def test_list_caches_reports_each_file_with_its_valid_rows(tmp_path):
-    cache = SampleCache(tmp_path / f"a{CACHE_SUFFIX}", LAYOUT)
+    cache = SampleCache(tmp_path / f"a{CACHE_SUFFIX}", LAYOUT, LABELS)
     cache.mark([1, 2, 5])
+    cache.mark([6], Mark.EXCLUDED)
     cache.close()
     ((path, layout, valid),) = list_caches(tmp_path)
     assert layout == LAYOUT and valid == 3
@@ -86,16 +119,18 @@ def test_the_key_changes_with_a_touched_file_an_edited_stage_the_shape_or_dali(t
         f.write_bytes(b"jpeg")
     stage = tmp_path / "stage.py"
     stage.write_text("def stage(j, d): return j\n")
-    base = cache_key(files, stage, [224, 224, 3], "uint8", "2.4.0")
-    assert cache_key(files, stage, [224, 224, 3], "uint8", "2.4.0") == base
-    assert cache_key(files, stage, [224, 224, 3], "uint8", "2.5.0") != base
-    assert cache_key(files, stage, [112, 112, 3], "uint8", "2.4.0") != base
-    assert cache_key(files[:1], stage, [224, 224, 3], "uint8", "2.4.0") != base
+
+    def key(files=files, shape=(224, 224, 3), dali="2.4.0"):
+        return cache_key(listing_digest(files), stage, list(shape), "uint8", dali)
+
+    base = key()
+    assert key() == base
+    assert key(dali="2.5.0") != base and key(shape=(112, 112, 3)) != base and key(files=files[:1]) != base
     os.utime(files[0], ns=(0, 12345))
-    assert cache_key(files, stage, [224, 224, 3], "uint8", "2.4.0") != base
-    touched = cache_key(files, stage, [224, 224, 3], "uint8", "2.4.0")
+    touched = key()
+    assert touched != base
     stage.write_text("def stage(j, d): return j  # edited\n")
-    assert cache_key(files, stage, [224, 224, 3], "uint8", "2.4.0") != touched
+    assert key() != touched
 
 
 def test_the_cli_lists_caches_and_removes_one_by_key_or_all(tmp_path):
@@ -103,7 +138,7 @@ def test_the_cli_lists_caches_and_removes_one_by_key_or_all(tmp_path):
     import sys
 
     for key in ("aaa111", "bbb222"):
-        SampleCache(tmp_path / f"{key}{CACHE_SUFFIX}", CacheLayout(key, 4, [2, 2, 3], "uint8")).close()
+        SampleCache(tmp_path / f"{key}{CACHE_SUFFIX}", CacheLayout(key, 4, [2, 2, 3], "uint8"), np.zeros(4)).close()
 
     def cli(*args: str) -> str:
         out = subprocess.run([sys.executable, "-m", "dalishare", "cache", *args], capture_output=True, text=True,
@@ -116,3 +151,31 @@ def test_the_cli_lists_caches_and_removes_one_by_key_or_all(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [f"aaa111{CACHE_SUFFIX}"]
     assert "removed 1 cache files" in cli("remove", str(tmp_path), "--all")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_fill_follows_the_order_skips_what_is_done_and_sends_lost_rows_first():
+    marks = np.zeros(8, dtype=np.uint8)
+    marks[[2, 5]] = [Mark.VALID, Mark.EXCLUDED]  # resumed: decoded or excluded before
+    order = np.array([5, 0, 2, 7, 1, 6, 3, 4])
+    fill = CacheFill(marks, order)
+    assert fill.pending() == 6
+    first, careful = fill.next_rows(3)
+    assert first == [0, 7, 1] and not careful
+    assert fill.next_rows(3) == ([6, 3, 4], False) and not fill.pending()
+    fill.requeue([7, 1], careful=True)  # lost without a culprit: one file per task, before the rest
+    fill.requeue([0], careful=False)
+    assert fill.careful() and fill.next_rows(3) == ([7], True) and fill.next_rows(3) == ([1], True)
+    assert not fill.careful() and fill.next_rows(3) == ([0], False)
+
+
+def test_a_batch_takes_valid_samples_in_order_skips_excluded_ones_and_stops_at_a_missing_one():
+    V, X, M = Mark.VALID, Mark.EXCLUDED, Mark.MISSING
+    marks = np.array([V, X, V, M, V, V, X, V], dtype=np.uint8)
+    order = np.array([0, 1, 2, 4, 5, 6, 7, 3])  # sample 3 (missing) comes last
+    got, pos, missing = take(marks, order, 0, 3)
+    assert got.tolist() == [0, 2, 4] and pos == 4 and missing == -1
+    got, pos, missing = take(marks, order, pos, 3)
+    assert got.tolist() == [5, 7] and pos == 7 and missing == 3  # it waits for 3 to fill the batch
+    marks[3] = V
+    assert take(marks, order, pos, 1)[0].tolist() == [3]
+    assert take(marks, order, 8, 3)[0].tolist() == []  # the epoch's end

@@ -85,8 +85,8 @@ def test_stage_messages_cross_the_link_and_a_gone_peer_reads_as_eof():
     mine, theirs_fd = StageLink.pair()
     theirs = StageLink(theirs_fd)
     try:
-        assert mine.send(Task(seq=3, slot=1, files=["/a.jpg", "/b.jpg"] * 1000))  # any size
-        assert theirs.receive(timeout=5) == Task(3, 1, ["/a.jpg", "/b.jpg"] * 1000)
+        assert mine.send(Task(seq=3, slot=1, files=["/a.jpg", "/b.jpg"] * 1000, rows=[]))  # any size
+        assert theirs.receive(timeout=5) == Task(3, 1, ["/a.jpg", "/b.jpg"] * 1000, [])
         assert theirs.send(Probed(index=0, error="", unreadable=False))
         assert mine.receive(timeout=5) == Probed(0, "", False)
         assert mine.receive(timeout=0) is None
