@@ -122,7 +122,7 @@ def own_pipeline_job(data: str, device: str, warmup: int, batches: int, step_s: 
     q.put({"img_s": images / (time.monotonic() - t0), "handoff_ns": []})
 
 
-SERVE_OPTIONS: list[str] = []  # extra `dalishare serve` options from the command line (--slots)
+SERVE_OPTIONS: list[str] = []  # extra `dalishare serve` options from the command line (--slots, --cache)
 
 
 def with_producer(data: str, consumers: int, target, args: tuple, device: str = "cpu") -> list[dict]:
@@ -139,6 +139,8 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=40.0, help="emulated GPU step per batch")
     parser.add_argument("--batches", type=int, default=40, help="timed batches per job (after 5 warm-up)")
     parser.add_argument("--slots", type=int, help="the producer's ring size (default: dalishare serve's)")
+    parser.add_argument("--cache", default="off", help="the producer's --cache (default: off, the ring this "
+                                                        "benchmark is about; bench/hetero.py measures the cache)")
     parser.add_argument("--out", help="also write the figures to this file")
     args = parser.parse_args()
     tmp = None
@@ -151,6 +153,7 @@ def main() -> None:
 
     if args.slots:
         SERVE_OPTIONS.extend(["--slots", str(args.slots)])
+    SERVE_OPTIONS.extend(["--cache", args.cache])
     floor, dev = zmq_floor(), args.device
     handoff = with_producer(args.data, 1, shared_job, (warmup, args.batches, 0.0), dev)[0]["handoff_ns"]
     slow_job = with_producer(args.data, 1, shared_job, (warmup, 15, 0.25), dev)[0]  # slower than the producer
@@ -161,7 +164,7 @@ def main() -> None:
     lines = [
         f"dalishare {dev.upper()} sharing benchmark: {os.cpu_count()} cores, batches of {BATCH}x224x224x3 uint8, "
         f"data {args.data}, emulated step {args.step_ms:.0f} ms, {args.batches} timed batches per job, "
-        f"ring slots: {args.slots or 'serve default'}",
+        f"ring slots: {args.slots or 'serve default'}, cache: {args.cache}",
         f"hand-off, job waiting (announcement sent -> tensor in job): median {pct(handoff, 0.5):.1f} us, "
         f"p90 {pct(handoff, 0.9):.1f} us ({len(handoff)} batches)",
         f"hand-off, batch already announced (job with a 250 ms step; next() -> tensor, release included): "

@@ -112,7 +112,8 @@ def main() -> None:
     os.environ["DALISHARE_RUNTIME_DIR"] = str(tmp / "run")
     data, _ = make_data(tmp / "data")
     name = "soak"
-    server = ProducerProcess(data, "--batch-size", "32", "--slots", "8", "--stall-timeout", "5", name=name, pipeline=STAGE)
+    server = ProducerProcess(data, "--batch-size", "32", "--slots", "8", "--stall-timeout", "5", "--cache", "off",
+                             name=name, pipeline=STAGE)  # the ring: what stalls, suspensions and releases are about
     producer = server.proc
     start = time.monotonic()
     deadline, warmup_end = start + args.minutes * 60, start + max(60.0, args.minutes * 12)
@@ -157,7 +158,8 @@ def print_report(args, tmp: Path, jobs: list[dict], code: int, rss_warm, rss_end
     """``text``: the producer's log."""
     from dalishare.producer.dataset import scan
 
-    served = re.search(r"(\d+) batches served, (\d+) stage worker restarts, (\d+) control messages dropped", text)
+    served = re.search(r"(\d+) batches served, \d+ samples decoded, (\d+) stage worker restarts, (\d+) control messages "
+                       r"dropped", text)
     excluded = set(re.findall(r"excluded (\S+) \(sample (\d+)\)", text))
     decodable = set(range(len(scan(tmp / "data")))) - {int(i) for _, i in excluded}
     whole = ok = dup = lost = duplicates = 0

@@ -1,6 +1,6 @@
 """Which decoded-sample cache a producer uses (``--cache``, ``--cache-limit``): plain Python, decided
 once the first batch has given the sample shape and the worker has said whether the stage is
-deterministic. Issue 12, in progress: not used by ``dalishare serve`` yet.
+deterministic (NOTE [ Cache protocol ] in filling.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from ..errors import ConfigError
 
 DEFAULT_LIMIT_SHARE = 0.5
 """``--cache-limit`` by default: this share of the memory available when the producer starts (and of
-the free space in /dev/shm, where a memory cache lives)."""
+the free space in /dev/shm, where a memory cache lives), or of the GPU's free memory for a GPU cache."""
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -60,8 +60,13 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
-def default_limit(meminfo: Path = Path("/proc/meminfo"), shm: Path = Path("/dev/shm")) -> int:
-    """DEFAULT_LIMIT_SHARE of the memory available now, and of /dev/shm's free space."""
+def default_limit(gpu: int | None = None, meminfo: Path = Path("/proc/meminfo"), shm: Path = Path("/dev/shm")) -> int:
+    """DEFAULT_LIMIT_SHARE of the memory available now, and of /dev/shm's free space; with ``gpu``,
+    of that GPU's free memory."""
+    if gpu is not None:
+        from ..shm.device import free_bytes
+
+        return int(DEFAULT_LIMIT_SHARE * free_bytes(gpu))
     available = 0
     for line in meminfo.read_text().splitlines():
         if line.startswith("MemAvailable:"):

@@ -89,7 +89,8 @@ class Producer:
         self.pipeline_file, self.data = Path(pipeline_file), Path(data)
         self.stop_reason: str | None = None  # set once, by stop(): the loop ends when it is
         self.failure: str | None = None  # set when serve() ends with an exception
-        self.batches_served = 0
+        self.batches_served = 0  # announced batches (the ring) or filled tasks (the cache)
+        self.samples_decoded = 0  # by the stage worker, into the ring or the cache (the measured batch not counted)
         self.phase = Phase.SCANNING
         self._jobs = JobRegistry()
         self._waiting: dict[bytes, Hello] = {}  # hellos that came before SERVING, by identity
@@ -199,8 +200,9 @@ class Producer:
                 self._submit()
             if self._done() and all(self._finished_with(job) for job in self._jobs):
                 self.stop(f"finished {self.options.epochs} epochs")
-        log.info("stopping %r: %s (%d batches served, %d stage worker restarts, %d control messages dropped)",
-                 self.options.name, self.stop_reason, self.batches_served, self.worker_restarts, self.bad_messages)
+        log.info("stopping %r: %s (%d batches served, %d samples decoded, %d stage worker restarts, %d control "
+                 "messages dropped)", self.options.name, self.stop_reason, self.batches_served, self.samples_decoded,
+                 self.worker_restarts, self.bad_messages)
 
     def _done(self) -> bool:
         """The last batch of the last epoch is announced (or the rest of it was undecodable); with a
@@ -300,6 +302,7 @@ class Producer:
         if self._cache is not None:
             self._cache.store.mark(plan)  # after the worker's answer: the mark follows the bytes
             self.batches_served += 1
+            self.samples_decoded += len(plan)
             if not self._fill.pending() and not self._supervisor.in_flight():
                 self._cache_full()
             return
@@ -313,6 +316,7 @@ class Producer:
             self._announce(job, k)
         self._started = True
         self.batches_served += 1
+        self.samples_decoded += len(plan.indices)
 
     def _on_lost(self, event: Lost) -> None:
         """The worker went with ``event.tasks``: exclude the files the probes blamed, free the slots,
@@ -349,7 +353,8 @@ class Producer:
         self._sample_shape, self._dtype = list(first.sample_shape), np.dtype(first.dtype)
         sample_bytes = int(np.prod(self._sample_shape)) * self._dtype.itemsize
         mode, folder = parse_cache(opts.cache)
-        limit = opts.cache_limit if opts.cache_limit is not None else default_limit()
+        limit = opts.cache_limit if opts.cache_limit is not None else \
+            default_limit(parse_device(opts.device) if mode is CacheMode.GPU else None)
         choice = choose(mode, folder, samples=len(self._dataset), sample_bytes=sample_bytes, limit=limit,
                         stateful_ops=self._supervisor.stateful or [])
         if choice.mode is CacheMode.OFF:

@@ -36,6 +36,13 @@ def check_gpu(index: int) -> None:
                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
 
 
+def free_bytes(index: int) -> int:
+    """Free memory on GPU ``index`` now."""
+    cp = cupy()
+    with cp.cuda.Device(index):
+        return int(cp.cuda.runtime.memGetInfo()[0])
+
+
 class DeviceRing:
     """Producer side: slots in device memory on GPU ``gpu``, exported once as a CUDA IPC handle."""
 

@@ -105,3 +105,24 @@ def test_gpu_serving_of_an_absent_gpu_fails_in_one_line(dataset):
     proc = subprocess.run([sys.executable, "-m", "dalishare", "serve", str(RESNET), "--data", str(dataset),
                            "--device", f"gpu:{gpu_count()}", "--name", "t"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("dalishare: error:") == 1 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("cache, device", [("gpu", None), ("memory", "cuda:0")], ids=["gpu-cache", "memory-cache"])
+def test_gpu_jobs_read_a_cache_at_their_own_pace_with_the_fill_s_pixels(dataset, tmp_path, cache, device):
+    # issue 12: the cache holds epoch 0's batches as the producer cut them; every epoch reads those pixels
+    expected = expected_checksums(dataset, "gpu", epochs=1)
+    with Server(dataset, "--device", "gpu", "--batch-size", str(PRODUCER_BATCH), "--cache", cache, "--epochs", "2",
+                "--min-consumers", "2") as server:
+        slow = GpuJob(tmp_path / "slow.json", batch_size=5, passes=2, slow_ms=40, device=device)
+        fast = GpuJob(tmp_path / "fast.json", batch_size=11, passes=2, device=device)
+        records = [slow.result(), fast.result()]
+        assert server.wait() == 0, server.log()
+    assert "the cache is full" in server.log()
+    for record in records:
+        assert record["device"] == "cuda:0" and record["ring_device"] == ("cuda:0" if cache == "gpu" else "cpu")
+        position = 0
+        for p in record["passes"]:
+            assert sorted(p["indices"]) == list(range(N_SAMPLES)), "not every sample exactly once"
+            for index in p["indices"]:
+                assert record["checksums"][position] == expected[(0, index)], f"sample {index} differs"
+                position += 1

@@ -56,4 +56,4 @@ def test_a_disk_cache_ignores_the_memory_limit_and_off_is_off(tmp_path):
 def test_the_default_limit_is_a_share_of_available_memory(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal: 100 kB\nMemAvailable:    2097152 kB\n")
-    assert 0 < default_limit(meminfo) <= (2 << 30) // 2
+    assert 0 < default_limit(meminfo=meminfo) <= (2 << 30) // 2
