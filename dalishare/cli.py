@@ -45,27 +45,31 @@ def _cleanup(args: argparse.Namespace) -> None:
 
 
 def _cache_list(args: argparse.Namespace) -> None:
-    from .shm.cache import list_caches
+    from .shm.cache import in_use, list_caches
 
     found = list_caches(args.dir)
     print(f"{len(found)} cache files in {args.dir}")
     for path, layout, valid in found:
+        busy = " (being filled by a live producer)" if in_use(path) else ""
         if layout is None:
-            print(f"  {path.name}: not a complete cache file (remove it)")
+            print(f"  {path.name}: not a complete cache file (remove it){busy}")
         else:
             size = path.stat().st_blocks * 512
             print(f"  {path.name}: {valid}/{layout.samples} samples of {layout.sample_shape} {layout.dtype}, "
-                  f"{size / 2**30:.2f} GiB on disk, key {layout.key[:12]}")
+                  f"{size / 2**30:.2f} GiB on disk, key {layout.key[:12]}{busy}")
 
 
 def _cache_remove(args: argparse.Namespace) -> None:
-    from .shm.cache import list_caches
+    from .shm.cache import in_use, list_caches
 
-    removed = [path for path, layout, _ in list_caches(args.dir)
-               if args.all or (layout is not None and layout.key.startswith(args.key or "\0"))]
+    chosen = [path for path, layout, _ in list_caches(args.dir)
+              if args.all or (layout is not None and layout.key.startswith(args.key or "\0"))]
+    removed = [path for path in chosen if not in_use(path)]
     for path in removed:
         path.unlink()
     print(f"removed {len(removed)} cache files" + "".join(f"\n  {p}" for p in removed))
+    for path in sorted(set(chosen) - set(removed)):
+        print(f"kept {path}: a live producer is filling or serving it; stop it first")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -104,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(kept for later runs); auto: memory if it fits --cache-limit and the stage is "
                             "deterministic, else off, the ring paced by the slowest job (default: %(default)s)")
     serve.add_argument("--cache-limit", default=None, metavar="SIZE",
-                       help="largest memory or GPU cache, e.g. 64G (default: half the memory available)")
+                       help="largest memory or GPU cache, e.g. 64G (default: half the memory available, or "
+                            "of the GPU's free memory for --cache gpu)")
     serve.set_defaults(func=_serve)
 
     cleanup = sub.add_parser("cleanup", help="remove segments and sockets left by dead producers")

@@ -120,7 +120,7 @@ class DaliShareIterator:
         while old.producer_alive() and time.monotonic() < deadline:
             time.sleep(PRODUCER_POLL_S)  # until it is gone, its socket could swallow our hello
         old.close(timeout=self.batch_timeout)  # kept as self._session until a new one opens
-        self.epoch = None
+        self.epoch, self._passes_read = None, 0  # a new producer counts --epochs afresh
         try:
             self._session = self._open(self.reconnect_timeout)
         except ProducerNotFound as exc:

@@ -65,12 +65,12 @@ def disk_cache_path(folder: Path, data: Path, stage_file: Path) -> Path:
     return Path(folder) / f"{Path(data).resolve().name}-{Path(stage_file).stem}-{where}{CACHE_SUFFIX}"
 
 
-def reusable_layout(path: Path, listing: bytes, stage_file: Path) -> CacheLayout | None:
-    """The layout of the cache at ``path`` if its key matches this listing and stage for the shape
-    and dtype it records: then the shape is known without decoding anything."""
+def reusable_layout(path: Path, listing: bytes, stage_file: Path, decoder: str) -> CacheLayout | None:
+    """The layout of the cache at ``path`` if its key matches this listing, stage and decoder for the
+    shape and dtype it records: then the shape is known without decoding anything."""
     layout = read_layout(path)
     if layout is None or layout.key != cache_key(listing, stage_file, layout.sample_shape, layout.dtype,
-                                                 dali_version()):
+                                                 dali_version(), decoder):
         return None
     return layout
 

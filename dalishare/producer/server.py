@@ -99,6 +99,7 @@ class Producer:
         self._cache: ServedCache | None = None  # set instead of the ring when serving from a cache
         self._fill: CacheFill | None = None      # with the cache: the rows still to decode
         self._read_all_epochs = False  # with a cache and --epochs N: some job has read N epochs
+        self._fill_started: float | None = None  # with a cache: when the first fill task went out (for the log)
         self._supervisor: StageSupervisor | None = None
         self._told_jobs = False  # the farewell Stop went out
         # (epoch, position) up to which lost batches are re-made one file per task, one at a time,
@@ -135,7 +136,7 @@ class Producer:
                 self._channel = ProducerChannel(names.endpoint(opts.name))
                 resources.callback(names.socket_path(opts.name).unlink, missing_ok=True)
                 resources.callback(self._close_channel)
-                self._scan = _Scan(self.data, listing=parse_cache(opts.cache)[0] is not CacheMode.OFF)
+                self._scan = _Scan(self.data, listing=parse_cache(opts.cache)[0] is CacheMode.DISK)
                 log.info("%r: scanning %s; jobs may attach at %s", opts.name, self.data, names.endpoint(opts.name))
                 self._loop()
             except BaseException as exc:
@@ -238,7 +239,7 @@ class Producer:
         mode, folder = parse_cache(opts.cache)
         if mode is CacheMode.DISK:
             layout = reusable_layout(disk_cache_path(folder, self.data, self.pipeline_file), self._listing,
-                                     self.pipeline_file)
+                                     self.pipeline_file, self._decoder())
             if layout is not None:
                 self._open_cache(CacheChoice(CacheMode.DISK, f"reusing the cache of this dataset and stage in "
                                                              f"{folder}", folder), layout)
@@ -360,15 +361,24 @@ class Producer:
         if choice.mode is CacheMode.OFF:
             log.info("%r: %s", opts.name, choice.reason)
         else:
-            key = cache_key(self._listing, self.pipeline_file, self._sample_shape, self._dtype.name, dali_version())
+            key = cache_key(self._listing or b"", self.pipeline_file, self._sample_shape, self._dtype.name,
+                            dali_version(), self._decoder())
             layout = CacheLayout(key, len(self._dataset), self._sample_shape, self._dtype.name,
                                  rows_in_file=choice.mode is not CacheMode.GPU)
             try:
                 self._open_cache(choice, layout)
                 return
-            except OSError as exc:  # the disk or /dev/shm has no room for it (ENOSPC), or no such rights
+            except ConfigError:
+                raise
+            except Exception as exc:  # no room on the disk, in /dev/shm or on the GPU (ENOSPC, out of memory)
+                if mode in (CacheMode.MEMORY, CacheMode.GPU):  # asked for explicitly: exit 2
+                    raise ConfigError(f"--cache {mode.value}: cannot allocate the cache of {human(layout.rows_bytes)} "
+                                      f"({exc}); lower --cache-limit to what is free, or use --cache DIR or off") from None
                 log.warning("%r: cannot create the cache (%s); serving without it (--cache off)", opts.name, exc)
         self._open_ring()
+
+    def _decoder(self) -> str:
+        return "cpu" if parse_device(self.options.device) is None else "gpu"
 
     def _open_cache(self, choice: CacheChoice, layout: CacheLayout) -> None:
         """Create or reopen the cache, have the worker fill what is missing, welcome the jobs that
@@ -385,7 +395,6 @@ class Producer:
         store = self._cache.store
         store.mark(list(self._feed.excluded), Mark.EXCLUDED)  # found while measuring
         self._fill = CacheFill(store.marks, epoch_order(len(self._dataset), opts.seed, 0))
-        self._fill_started: float | None = None  # when the first fill task went out
         log.info("%r: cache %s: %d of %d samples decoded%s, %d excluded; %s", opts.name, store.path,
                  store.valid_count(), layout.samples, " (resumed)" if store.resumed else "", len(store.excluded()),
                  f"{self._fill.pending()} to decode" if self._fill.pending() else "nothing to decode")
@@ -400,9 +409,9 @@ class Producer:
     def _cache_full(self) -> None:
         took = time.monotonic() - (self._fill_started or time.monotonic())
         store = self._cache.store
-        log.info("%r: the cache is full: %d samples decoded in %.1f s (%.0f/s), %d excluded; no more decoding",
-                 self.options.name, store.valid_count(), took, store.valid_count() / max(took, 1e-9),
-                 len(store.excluded()))
+        log.info("%r: the cache is full: %d samples decoded in %.1f s (%.0f/s), %d valid, %d excluded; no more "
+                 "decoding", self.options.name, self.samples_decoded, took, self.samples_decoded / max(took, 1e-9),
+                 store.valid_count(), len(store.excluded()))
         self._stop_worker("the cache is full")
 
     def _stop_worker(self, reason: str) -> None:
@@ -594,6 +603,7 @@ class _Scan:
     Daemonic: a producer stopped during the scan does not wait for it."""
 
     def __init__(self, data: Path, listing: bool):
+        """``listing``: also stat every file, for a DIR cache's key."""
         self._result: tuple[Dataset, bytes | None] | BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(data, listing), name="dalishare-scan", daemon=True)
         self._thread.start()
@@ -601,7 +611,7 @@ class _Scan:
     def _run(self, data: Path, listing: bool) -> None:
         try:  # the listing digest (a stat per file) keys a cache
             dataset = scan(data)
-            self._result = (dataset, listing_digest(dataset.files) if listing else None)
+            self._result = (dataset, listing_digest(dataset.root, dataset.files) if listing else None)
         except BaseException as exc:  # handed to the loop, which raises it
             self._result = exc
 

@@ -56,7 +56,11 @@ def serve_tasks(link: StageLink, setup: Setup) -> None:
     except Exception as exc:  # the segment is gone, or the GPU cannot open the IPC handle
         link.send(Failed(-1, f"cannot map the ring or the cache: {one_line(exc)}"))
         return
-    link.send(Ready(os.getpid(), stateful_ops(pipe)))
+    try:
+        stateful = stateful_ops(pipe)
+    except Exception as exc:  # it reads DALI internals: if they change, take the stage as not deterministic
+        stateful = [f"(its operators cannot be listed: {one_line(exc)})"]
+    link.send(Ready(os.getpid(), stateful))
     scheduled: deque[Task] = deque()  # fed to DALI, output not taken yet; in the order received
     while True:
         msg = link.receive(timeout=0 if scheduled else STAGE_IDLE_POLL_S)  # EOFError: the producer is gone

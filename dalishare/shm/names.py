@@ -33,6 +33,7 @@ SHM_PREFIX = "dalishare."
 # dir, files named NAME + suffix (the lock guards the others); per producer, a segment in SHM_DIR
 # named SHM_PREFIX + NAME.PID, and its cache file, that name + CACHE_SUFFIX (stale once PID is dead).
 RUNTIME_FILES = {"socket": ".sock", "lock": ".lock"}
+CACHE_SUFFIX = ".dscache"  # a cache file's, in /dev/shm or in a --cache folder
 _NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -75,8 +76,6 @@ def shm_name(name: str, pid: int) -> str:
 
 
 def memory_cache_path(name: str, pid: int) -> Path:
-    from .cache import CACHE_SUFFIX
-
     return SHM_DIR / f"{shm_name(name, pid)}{CACHE_SUFFIX}"
 
 
@@ -104,7 +103,7 @@ def pid_alive(pid: int, started: int | None = None) -> bool:
     return fields[0] not in ("Z", "X") and (started is None or int(fields[19]) == started)
 
 
-def _lock(path: Path, create: bool) -> int | None:
+def try_lock(path: Path, create: bool) -> int | None:
     """flock ``path`` without blocking: its fd, or None if another process holds it (or, without
     ``create``, it does not exist).
 
@@ -134,7 +133,7 @@ class ServeLock:
 
     def __init__(self, name: str):
         self.path = lock_path(name)
-        fd = _lock(self.path, create=True)
+        fd = try_lock(self.path, create=True)
         if fd is None:
             try:
                 holder = self.path.read_text().strip() or "?"
@@ -172,7 +171,7 @@ def clean_stale(name: str | None = None) -> list[str]:
     rdir = runtime_dir()
     names = [name] if name else sorted({p.stem for p in rdir.iterdir() if p.suffix in RUNTIME_FILES.values()})
     for n in names:
-        fd = _lock(lock_path(n), create=False)
+        fd = try_lock(lock_path(n), create=False)
         if fd is None and lock_path(n).exists():
             continue  # a live producer holds it
         try:  # nobody serves n: remove its socket and lock, the lock while we hold it

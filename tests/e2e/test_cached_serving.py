@@ -108,16 +108,20 @@ def test_late_jobs_mid_fill_and_after_fill_start_a_whole_epoch_at_once(dataset, 
         first = Job(tmp_path / "first.json", batch_size=4, passes=1)
         first.wait_attached()
         mid = Job(tmp_path / "mid.json", batch_size=3, passes=1)
-        first_res, mid_res = first.result(), mid.result()
+        seeded = Job(tmp_path / "seeded.json", batch_size=4, passes=2, seed=5)  # waits for samples of its own order
+        first_res, mid_res, seeded_res = first.result(), mid.result(), seeded.result()
         late = Job(tmp_path / "late.json", batch_size=5, passes=2)
         late_res = late.result()
         log = server.log()
     assert 0 < mid_res["cached_at_attach"] < N, f"not mid-fill: {mid_res['cached_at_attach']} cached\n{log}"
+    assert seeded_res["cached_at_attach"] < N
+    check_epochs(seeded_res, 4)
+    assert [indices(p) for p in seeded_res["passes"]] == [epoch_order(N, 5, e).tolist() for e in (0, 1)]
     assert late_res["cached_at_attach"] == N
     for res, size in ((first_res, 4), (mid_res, 3), (late_res, 5)):
         check_epochs(res, size)
         assert res["passes"][0]["epoch"] == 0  # a whole epoch from its start, whenever it attached
-    assert digests(first_res) == digests(mid_res) == digests(late_res)
+    assert digests(first_res) == digests(mid_res) == digests(late_res) == digests(seeded_res)
 
 
 def test_auto_takes_memory_when_it_fits_and_off_with_the_reason_when_not(dataset, tmp_path):
@@ -315,5 +319,7 @@ def test_a_stopped_producer_ends_a_cache_job_s_pass_and_a_killed_one_is_producer
         output, _ = job.proc.communicate(timeout=60)
         assert server.wait() == -signal.SIGKILL
     assert job.proc.returncode != 0 and "ProducerLost" in output and "died" in output
-    subprocess.run([sys.executable, "-m", "dalishare", "cleanup"], timeout=60, check=True)  # the killed producer's cache file
+    assert list(Path("/dev/shm").glob(f"dalishare.t.{server.proc.pid}{CACHE_SUFFIX}"))  # the killed producer's
+    subprocess.run([sys.executable, "-m", "dalishare", "cleanup"], timeout=60, check=True)
+    assert not list(Path("/dev/shm").glob(f"dalishare.t.{server.proc.pid}*"))
 

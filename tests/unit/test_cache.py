@@ -15,7 +15,7 @@ from dalishare.errors import ConfigError
 from dalishare.job.cached import take
 from dalishare.producer.filling import CacheFill
 from dalishare.shm.cache import (CACHE_SUFFIX, CacheLayout, CacheView, CacheWriter, Mark, SampleCache, cache_key,
-                                 list_caches, listing_digest, read_layout)
+                                 in_use, list_caches, listing_digest, read_layout)
 
 LAYOUT = CacheLayout(key="k1", samples=10, sample_shape=[4, 3, 3], dtype="uint8")
 LABELS = np.arange(10) % 3
@@ -70,15 +70,24 @@ def test_a_cache_of_the_same_key_is_resumed_and_one_of_another_key_is_rebuilt(tm
     assert not path.exists()
 
 
-def test_two_producers_cannot_fill_one_cache_file(tmp_path):
+def test_two_producers_cannot_fill_one_cache_file_and_cache_remove_keeps_a_live_one(tmp_path):
+    import subprocess
+    import sys
+
     path = tmp_path / f"a{CACHE_SUFFIX}"
     first = SampleCache(path, LAYOUT, LABELS)
     try:
+        assert in_use(path)
         with pytest.raises(ConfigError, match="being filled by another producer"):
             SampleCache(path, LAYOUT, LABELS)
+        out = subprocess.run([sys.executable, "-m", "dalishare", "cache", "remove", str(tmp_path), "--all"],
+                             capture_output=True, text=True, timeout=60)
+        assert "removed 0 cache files" in out.stdout and "a live producer is filling or serving it" in out.stdout
+        assert path.exists()
     finally:
         first.close()
-    SampleCache(path, LAYOUT, LABELS).close()  # the lock went with the first
+    assert not in_use(path) and sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the lock file went
+    SampleCache(path, LAYOUT, LABELS).close()
 
 
 def test_a_cache_that_does_not_fit_the_disk_fails_at_creation_and_leaves_nothing(tmp_path, monkeypatch):
@@ -120,12 +129,15 @@ def test_the_key_changes_with_a_touched_file_an_edited_stage_the_shape_or_dali(t
     stage = tmp_path / "stage.py"
     stage.write_text("def stage(j, d): return j\n")
 
-    def key(files=files, shape=(224, 224, 3), dali="2.4.0"):
-        return cache_key(listing_digest(files), stage, list(shape), "uint8", dali)
+    def key(files=files, shape=(224, 224, 3), dali="2.4.0", decoder="cpu", root=tmp_path):
+        return cache_key(listing_digest(root, files), stage, list(shape), "uint8", dali, decoder)
 
     base = key()
     assert key() == base
     assert key(dali="2.5.0") != base and key(shape=(112, 112, 3)) != base and key(files=files[:1]) != base
+    assert key(decoder="gpu") != base  # the GPU decodes to other pixels
+    os.chdir(tmp_path)  # however --data is spelled, the same files give the same key
+    assert key(files=[f.relative_to(tmp_path) for f in files], root=".") == base
     os.utime(files[0], ns=(0, 12345))
     touched = key()
     assert touched != base
