@@ -1,4 +1,5 @@
-"""The dataset: image files in class folders, stable sample indices, and the order of each epoch."""
+"""The dataset: image files in class folders and their stable sample indices (the order of each epoch
+is wire/order.py)."""
 
 from __future__ import annotations
 
