@@ -145,11 +145,11 @@ def main() -> None:
     tmp = tempfile.TemporaryDirectory(prefix="dalishare-hetero-")
     data = args.data or str(build_dataset(Path(tmp.name), args.copies))
     samples = sum(1 for p in Path(data).rglob("*") if p.is_file())
-    lines = [f"dalishare heterogeneous-jobs benchmark: {os.cpu_count()} cores, {samples} images in {data}, "
-             f"batches of {BATCH}x224x224x3 uint8; steps: fast {FAST_S * 1e3:.0f} ms, slow {SLOW_S * 1e3:.0f} ms "
-             f"per batch; phase 1 reads {args.epochs} epochs per job"]
+    lines: list[str] = []
     say = lambda line: (print(line, flush=True), lines.append(line))  # noqa: E731
-    say(lines[0])
+    say(f"dalishare heterogeneous-jobs benchmark: {os.cpu_count()} cores, {samples} images in {data}, "
+        f"batches of {BATCH}x224x224x3 uint8; steps: fast {FAST_S * 1e3:.0f} ms, slow {SLOW_S * 1e3:.0f} ms "
+        f"per batch; phase 1 reads {args.epochs} epochs per job")
 
     # 1. fast and slow, alone and together
     say(f"{'phase 1':<10}{'cache':<8}{'fast alone':>12}{'slow alone':>12}{'fast shared':>13}{'slow shared':>13}"
