@@ -7,10 +7,10 @@ never DALI); `augment` (the jobs' augmentations). `DaliShareIterator` is loaded 
 """
 
 from .errors import (AlreadyServing, BatchHeldTooLong, ConfigError, DalishareError, DatasetError, GpuWorkTimeout,
-                     ProducerLost, ProducerNotFound, ProtocolError, StageError)
+                     GroupBroken, ProducerLost, ProducerNotFound, ProtocolError, StageError)
 
 __all__ = ["DaliShareIterator", "DalishareError", "ConfigError", "DatasetError", "StageError", "ProtocolError",
-           "ProducerNotFound", "ProducerLost", "AlreadyServing", "BatchHeldTooLong", "GpuWorkTimeout"]
+           "ProducerNotFound", "ProducerLost", "GroupBroken", "AlreadyServing", "BatchHeldTooLong", "GpuWorkTimeout"]
 __version__ = "0.1.0"
 
 

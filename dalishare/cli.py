@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> None:
         name=args.name, batch_size=args.batch_size, device=args.device, slots=args.slots, seed=args.seed,
         epochs=args.epochs, min_consumers=args.min_consumers, num_threads=args.threads,
         heartbeat_timeout=args.heartbeat_timeout, stall_timeout=args.stall_timeout,
-        stage_timeout=args.stage_timeout, cache=args.cache,
+        stage_timeout=args.stage_timeout, cache=args.cache, shard=args.shard,
         cache_limit=parse_size(args.cache_limit) if args.cache_limit is not None else None))
 
     def on_signal(signum, _frame):
@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-limit", default=None, metavar="SIZE",
                        help="largest memory or GPU cache, e.g. 64G (default: half the memory available, or "
                             "of the GPU's free memory for --cache gpu)")
+    serve.add_argument("--shard", default=DEFAULTS.shard, metavar="I/N|auto",
+                       help="serve node I's share of each epoch, of N nodes (one producer per node; needs a cache); "
+                            "auto: from SLURM_NODEID/SLURM_NNODES, NODE_RANK/NNODES or GROUP_RANK/GROUP_WORLD_SIZE "
+                            "(default: %(default)s, everything)")
     serve.set_defaults(func=_serve)
 
     cleanup = sub.add_parser("cleanup", help="remove segments and sockets left by dead producers")

@@ -34,6 +34,11 @@ class ProducerLost(DalishareError):
     """The producer a job was attached to died or stopped answering."""
 
 
+class GroupBroken(DalishareError):
+    """A rank of this job's consumer group died or became unreachable: the group (one DDP job) cannot
+    go on without it."""
+
+
 class AlreadyServing(DalishareError):
     """Another live producer already serves under this name."""
 

@@ -18,10 +18,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import ConfigError, ProducerLost, ProducerNotFound, SlotReused
+from ..errors import ConfigError, DatasetError, ProducerLost, ProducerNotFound, SlotReused
 from ..shm import names
-from ..wire.order import epoch_order
+from ..shm.cache import Mark
+from ..wire.order import epoch_order, share
 from .cached import take
+from .group import check_consistent, membership
 from .keep import KeepWindow
 from .rebatch import Piece
 from ..intervals import PRODUCER_POLL_S
@@ -72,12 +74,21 @@ class DaliShareIterator:
             (the pass in progress ends there); without it, that is `ProducerLost` or the end.
         seed: read in an order of this job's own (a new permutation of the samples each epoch),
             not the producer's; needs a producer that serves a cache (`ConfigError` otherwise).
+        group: make this process one rank of a consumer group (one DDP job) of that name: together
+            its ranks read every sample of an epoch once, each the same number of batches
+            (DistributedSampler's contract). Rank and world size come from ``rank``/``world_size``,
+            else torchrun (LOCAL_RANK, LOCAL_WORLD_SIZE), else torch.distributed, else RANK and
+            WORLD_SIZE. Batches then carry ``padded`` (bool per sample): True for the repeats that
+            even out the tail. Needs a producer with a cache.
+        drop_last: with ``group`` (or a sharded producer), drop the tail that does not divide evenly
+            instead of padding it with repeats.
     """
 
     def __init__(self, name: str = "default", batch_size: int | None = None, device=None,
                  augment: Callable | None = None, *, copy: bool = False, keep: int = 2, attach_timeout: float = 60.0,
                  batch_timeout: float = 600.0, heartbeat_interval: float = 1.0, reconnect: bool = False,
-                 reconnect_timeout: float = 600.0, seed: int | None = None):
+                 reconnect_timeout: float = 600.0, seed: int | None = None, group: str | None = None,
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         KeepWindow(keep)  # checks keep before anything is opened
@@ -87,20 +98,31 @@ class DaliShareIterator:
         self.device = torch.device(device) if device is not None else None
         self.epoch: int | None = None  # the epoch of the pass in progress (or the last one)
         self.seed = seed
+        self.member = membership(group, rank, world_size, drop_last)  # None: an independent job
+        self.drop_last = drop_last
         self._passes_read = 0  # with a cache: passes this job finished or left (its epochs)
         self._requested_batch_size, self._heartbeat_interval = batch_size, heartbeat_interval
         self._endpoint = names.endpoint(name)
         self._counters = Counters()  # survive reconnects
         self._session: Session | None = None
         self._session = self._open(attach_timeout)
+        if self.member is not None:
+            try:  # a collective: every rank attaches once, at the same point of its script
+                check_consistent(self._session.fingerprint, self._session.shard, self.member, seed)
+            except BaseException:
+                self.close()
+                raise
 
     def _open(self, timeout: float) -> Session:
         session = Session(self.name, self._endpoint, keep=self.keep, batch_size=self._requested_batch_size,
-                          timeout=timeout, heartbeat_interval=self._heartbeat_interval, counters=self._counters)
+                          timeout=timeout, heartbeat_interval=self._heartbeat_interval, counters=self._counters,
+                          member=self.member)
         try:
             self._target = self.device or session.ring_device
             if self._target.type == "cuda" and self._target.index is None:
                 self._target = torch.device("cuda", torch.cuda.current_device())
+            if self._splits(session):
+                session.samples_per_epoch = len(self._my_share(session, 0)[0])
             if self.seed is not None and session.cache is None:
                 raise ConfigError(f"seed={self.seed}: producer {self.name!r} streams one shared order through its "
                                   f"ring; a job's own order needs a producer with a cache (serve with --cache "
@@ -199,16 +221,21 @@ class DaliShareIterator:
             return
         cache = session.cache
         self.epoch = self._passes_read
-        order = epoch_order(cache.layout.samples, session.producer_seed if self.seed is None else self.seed,
-                            self.epoch)
         self._count_excluded()
+        if self._splits(session):
+            batches = self._shared_batches(*self._my_share(session, self.epoch))
+        else:
+            order = epoch_order(cache.layout.samples, self._order_seed(session), self.epoch)
+            batches = ((indices, None) for indices in self._cached_batches(order))
         try:
-            for indices in self._cached_batches(order):
+            for indices, padded in batches:
                 labels = torch.from_numpy(cache.labels[indices].astype(np.int64))
                 if self._target.type != "cpu":
                     labels = labels.pin_memory().to(self._target, non_blocking=True)
                 batch = {"images": cache.gather(indices, session.sample_shape, session.dtype, self._target),
                          "labels": labels, "indices": torch.from_numpy(indices)}
+                if padded is not None:
+                    batch["padded"] = torch.from_numpy(padded)
                 if self.augment is not None:
                     batch = self.augment(batch)
                 yield batch
@@ -219,11 +246,62 @@ class DaliShareIterator:
         if self.reconnect and session.lost:
             self._reconnect()
 
+    def _order_seed(self, session: Session) -> int:
+        return session.producer_seed if self.seed is None else self.seed
+
+    def _splits(self, session: Session) -> bool:
+        """Whether this job reads a share of each epoch: it is a rank of a group, or its producer
+        serves one node's shard."""
+        return self.member is not None or session.shard[1] > 1
+
+    def _my_share(self, session: Session, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This job's samples of ``epoch`` and which are padding: the node's share of the producer's
+        order (``--shard``), then this rank's share of that (``group``), DistributedSampler's cuts
+        (wire/order.py). Excluded files stay in: every rank and node must cut the same order; they
+        are replaced by repeats when read."""
+        order = epoch_order(session.cache.layout.samples, self._order_seed(session), epoch)
+        padded = np.zeros(len(order), dtype=bool)
+        index, shards = session.shard
+        if shards > 1:
+            order, padded = share(order, index, shards, self.drop_last)
+        if self.member is not None:
+            order, padded = share(order, self.member.rank, self.member.world, self.drop_last, padded)
+        return order, padded
+
+    def _shared_batches(self, indices: np.ndarray, padded: np.ndarray):
+        """(indices, padded) of each batch of a share: waits for samples not cached yet; an excluded
+        sample is replaced by a repeat of a readable one of the batch (or the one before), flagged
+        as padding, so every rank still gets the same count. Ends early when the producer stops."""
+        session, marks, size = self._session, self._session.cache.marks, self.batch_size
+        stand_in = -1  # the last readable sample: a batch of excluded samples only repeats it
+        next_check = time.monotonic() + PRODUCER_POLL_S
+        for start in range(0, len(indices), size):
+            chunk, flags = indices[start : start + size].copy(), padded[start : start + size].copy()
+            while (missing := np.flatnonzero(marks[chunk] == Mark.MISSING)).size:
+                if not session.await_sample(int(chunk[missing[0]]), self.batch_timeout, self.reconnect):
+                    return
+            excluded = marks[chunk] == Mark.EXCLUDED
+            readable = chunk[~excluded]
+            stand_in = int(readable[0]) if readable.size else stand_in
+            if excluded.any():
+                if stand_in < 0:
+                    raise DatasetError(f"job {self.job_id}: none of the samples before its batch at {start} of "
+                                       f"epoch {self.epoch} can be decoded, so there is nothing to repeat in their place")
+                chunk[excluded], flags[excluded] = stand_in, True
+            stand_in = int(chunk[-1])
+            if time.monotonic() >= next_check:  # the producer's Stop, failure or death, or the group's loss
+                if not session.producer_serves(self.reconnect):
+                    return
+                self._count_excluded()
+                next_check = time.monotonic() + PRODUCER_POLL_S
+            yield chunk, flags
+
     def _count_excluded(self) -> None:
         """The files the producer excluded so far (the fill finds them), and so the epoch's size."""
         cache = self._session.cache
         self._counters.excluded = cache.excluded()
-        self._session.samples_per_epoch = cache.layout.samples - self._counters.excluded
+        if not self._splits(self._session):  # a share keeps its size: excluded samples are replaced by repeats
+            self._session.samples_per_epoch = cache.layout.samples - self._counters.excluded
 
     def _cached_batches(self, order: np.ndarray):
         """The sample indices of each batch of ``order``: full batches of VALID samples, excluded

@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 import torch
 
 from ..intervals import CACHE_POLL_S, STARTING_SILENCE_S, GPU_EVENT_POLL_MS, PRODUCER_POLL_S
-from ..errors import BatchHeldTooLong, ProducerLost, ProducerNotFound, ProtocolError, SlotReused
+from ..errors import BatchHeldTooLong, GroupBroken, ProducerLost, ProducerNotFound, ProtocolError, SlotReused
 from ..shm import RingLayout, attach_ring
 from ..shm import names
 from ..wire.channel import JobChannel
 from ..shm.cache import Mark
-from ..wire.messages import (Batch, Bye, EpochDone, Heartbeat, Hello, Reject, Release, Resume, Starting, Stop,
-                             StopKind, Suspended, Welcome)
+from ..wire.messages import (Batch, Bye, EpochDone, GroupLost, Heartbeat, Hello, Reject, Release, Resume, Starting,
+                             Stop, StopKind, Suspended, Welcome)
 from .cached import CachedSamples
+from .group import Membership
 from .heartbeat import HeartbeatThread
 from .keep import KeepWindow
 from .rebatch import Rebatcher
@@ -48,8 +49,9 @@ class Session:
     """Attached to the producer at ``endpoint``, or `ProducerNotFound` after ``timeout`` seconds."""
 
     def __init__(self, name: str, endpoint: str, *, keep: int, batch_size: int | None, timeout: float,
-                 heartbeat_interval: float, counters: Counters):
-        self.name, self.endpoint, self.counters = name, endpoint, counters
+                 heartbeat_interval: float, counters: Counters, member: Membership | None = None):
+        self.name, self.endpoint, self.counters, self.member = name, endpoint, counters, member
+        self.group_lost: str | None = None  # set by the producer's GroupLost: a rank of our group is gone
         self.window = KeepWindow(keep)  # slots read and not given back yet
         self.pending: deque[Batch] = deque()  # announcements not yet begun, in seq order
         self.taken = -1  # seq of the newest producer batch begun; sent in heartbeats
@@ -73,6 +75,7 @@ class Session:
             self.sample_shape = tuple(welcome.sample_shape)
             self.dtype = getattr(torch, welcome.dtype)
             self.producer_seed, self.producer_epochs = welcome.seed, welcome.epochs
+            self.shard, self.fingerprint = tuple(welcome.shard), welcome.fingerprint
             if welcome.cache:
                 self.cache = CachedSamples(welcome.cache)
                 self.slot_tensors, self.ring_device = [], self.cache.device
@@ -159,7 +162,9 @@ class Session:
     def _attach(self, timeout: float) -> Welcome:
         """Hello, then wait for the Welcome; a starting producer's ``Starting`` re-arms the timeout
         (NOTE [ Control protocol ])."""
-        self.channel.send(Hello(os.getpid(), keep=self.window.keep))
+        member = self.member
+        self.channel.send(Hello(os.getpid(), keep=self.window.keep, group=member.name if member else "",
+                                rank=member.rank if member else 0, world=member.world if member else 1))
         deadline = time.monotonic() + timeout
         starting: tuple[int, int | None] | None = None  # (pid, start time) of a producer that said it starts
         while time.monotonic() < deadline:
@@ -240,6 +245,9 @@ class Session:
         """Take in the producer's messages; False once it stopped (the pass ends) or, with
         ``reconnect``, died or failed (`lost` says why); else those raise `ProducerLost`."""
         self.receive_all()
+        if self.group_lost:
+            raise GroupBroken(f"job {self.job_id} (rank {self.member.rank} of group {self.member.name!r}) cannot go "
+                              f"on: {self.group_lost}; restart the whole DDP job")
         if self.failure:
             if reconnect:
                 return False
@@ -303,6 +311,8 @@ class Session:
                 self.pending.append(msg)
             elif isinstance(msg, Suspended):
                 self._resume_after_suspension(msg)
+            elif isinstance(msg, GroupLost):
+                self.group_lost = msg.reason
             elif isinstance(msg, Stop):
                 self.stop_reason, self.stop_kind = msg.reason, StopKind(msg.kind)
                 if self.stop_kind is StopKind.FINISHED:  # only a suspended job still has some: it missed them

@@ -75,6 +75,14 @@ def reusable_layout(path: Path, listing: bytes, stage_file: Path, decoder: str) 
     return layout
 
 
+def fingerprint(listing: bytes | None, stage_file: Path, options, layout: CacheLayout) -> dict:
+    """What the ranks of one DDP job compare across nodes (through torch.distributed) before they read:
+    producers that disagree on any of it would serve them different data."""
+    return {"dataset": (listing or b"").hex()[:16], "samples": layout.samples,
+            "stage": hashlib.sha256(Path(stage_file).read_bytes()).hexdigest()[:16],
+            "output": f"{layout.sample_shape} {layout.dtype}", "seed": options.seed, "shards": options.shard_of[1]}
+
+
 class ServedCache:
     """The producer's cache: the file (`SampleCache`) and, for ``--cache gpu``, the rows in GPU memory
     (a one-slot device ring). Removed on close unless it is a DIR cache."""

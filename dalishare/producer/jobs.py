@@ -37,6 +37,9 @@ class Job:
     last_progress: float = 0.0  # its last release, attach or resume: a stall is measured from here
     next_probe: float = 0.0   # when to check a silent job's socket again
     epochs_read: int = 0      # with a cache: the passes it finished (its EpochDone), for --epochs
+    group: str = ""           # its consumer group ("" for an independent job), in which it is rank ``rank``
+    rank: int = 0
+    world: int = 1
 
     @property
     def suspended(self) -> bool:
@@ -50,13 +53,30 @@ class JobRegistry:
     pid_alive: Callable[[int, int | None], bool] = names.pid_alive  # injectable for the unit tests
     _jobs: dict[int, Job] = field(default_factory=dict)
 
-    def add(self, pid: int, identity: bytes, keep: int, now: float) -> Job:
+    def add(self, pid: int, identity: bytes, keep: int, now: float, group: str = "", rank: int = 0,
+            world: int = 1) -> Job:
         job_id = secrets.randbits(31)
         while job_id in self._jobs:
             job_id = secrets.randbits(31)
-        job = Job(job_id, pid, identity, keep, last_seen=now, started=names.process_start(pid), last_progress=now)
+        job = Job(job_id, pid, identity, keep, last_seen=now, started=names.process_start(pid), last_progress=now,
+                  group=group, rank=rank, world=world)
         self._jobs[job_id] = job
         return job
+
+    def group_refusal(self, group: str, rank: int, world: int) -> str | None:
+        """Why rank ``rank`` of ``world`` cannot join ``group`` now, or None."""
+        if not 0 <= rank < world:
+            return f"rank {rank} is not between 0 and the world size {world} - 1"
+        for job in self.group(group):
+            if job.world != world:
+                return f"group {group!r} has world size {job.world}, not {world}: its ranks disagree"
+            if job.rank == rank:
+                return f"rank {rank} of group {group!r} is already attached (pid {job.pid})"
+        return None
+
+    def group(self, group: str) -> list[Job]:
+        """The attached ranks of ``group`` (none for "")."""
+        return [job for job in self._jobs.values() if group and job.group == group]
 
     def get(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)

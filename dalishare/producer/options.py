@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -30,6 +31,12 @@ class ServeOptions:
     stage_timeout: float = STAGE_TIMEOUT_S  # a stage worker silent this long with work outstanding is replaced
     cache: str = "auto"                # auto, memory, gpu, off, or a folder (cache_policy.parse_cache)
     cache_limit: int | None = None     # bytes; None: cache_policy.default_limit()
+    shard: str = "0/1"                 # "I/N": serve node I's share of each epoch; "auto": from the launcher
+
+    @property
+    def shard_of(self) -> tuple[int, int]:
+        """(I, N) of ``shard``."""
+        return parse_shard(self.shard)
 
     def check(self) -> None:
         names.check_name(self.name)
@@ -49,3 +56,30 @@ class ServeOptions:
                               "(or use --cache memory)")
         if self.cache_limit is not None and self.cache_limit < 0:
             raise ConfigError("--cache-limit must not be negative")
+        if self.shard_of[1] > 1 and mode is CacheMode.OFF:
+            raise ConfigError("--shard needs a cache (each node caches the whole dataset: see the README); "
+                              "serve with --cache memory, gpu or DIR")
+
+
+# Launcher variables that say which node this is and how many there are, in the order they are tried:
+# Slurm, then the PyTorch convention (Lightning, Kubeflow's PyTorchJob), then torchelastic's.
+SHARD_VARIABLES = (("SLURM_NODEID", "SLURM_NNODES"), ("NODE_RANK", "NNODES"), ("GROUP_RANK", "GROUP_WORLD_SIZE"))
+
+
+def parse_shard(text: str, env=os.environ) -> tuple[int, int]:
+    """``--shard I/N`` (node I of N, counted from 0) or ``auto`` (from SHARD_VARIABLES)."""
+    if text == "auto":
+        for rank, size in SHARD_VARIABLES:
+            if rank in env and size in env:
+                text = f"{env[rank]}/{env[size]}"
+                break
+        else:
+            raise ConfigError(f"--shard auto: none of {', '.join(f'{r}/{s}' for r, s in SHARD_VARIABLES)} is set "
+                              f"here; give --shard I/N (this node's index from 0, and the number of nodes)")
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: use I/N, e.g. 0/4 for the first of 4 nodes, or auto") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"--shard {text}: I must be from 0 to N-1")
+    return index, count

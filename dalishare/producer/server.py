@@ -52,13 +52,13 @@ from ..shm import RingKind, create_ring
 from ..shm import names
 from ..shm.cache import CacheLayout, Mark, cache_key, listing_digest
 from ..wire.channel import ProducerChannel
-from ..wire.messages import (PROTOCOL_VERSION, Batch, Bye, EpochDone, Heartbeat, Hello, Reject, Release, Resume,
-                             Starting, Stop, Suspended, Welcome)
-from ..wire.order import epoch_order
+from ..wire.messages import (PROTOCOL_VERSION, Batch, Bye, EpochDone, GroupLost, Heartbeat, Hello, Reject, Release,
+                             Resume, Starting, Stop, Suspended, Welcome)
+from ..wire.order import epoch_order, share
 from .cache_policy import CacheChoice, CacheMode, choose, default_limit, human, parse_cache
 from .dataset import Dataset, scan
 from .feed import EpochFeed
-from .filling import CacheFill, ServedCache, dali_version, disk_cache_path, reusable_layout
+from .filling import CacheFill, ServedCache, dali_version, disk_cache_path, fingerprint, reusable_layout
 from .jobs import Job, JobRegistry
 from .options import ServeOptions
 from .slots import SlotTable
@@ -100,6 +100,7 @@ class Producer:
         self._fill: CacheFill | None = None      # with the cache: the rows still to decode
         self._read_all_epochs = False  # with a cache and --epochs N: some job has read N epochs
         self._fill_started: float | None = None  # with a cache: when the first fill task went out (for the log)
+        self._fingerprint: dict = {}  # with a cache: what the ranks of a group compare (filling.fingerprint)
         self._supervisor: StageSupervisor | None = None
         self._told_jobs = False  # the farewell Stop went out
         # (epoch, position) up to which lost batches are re-made one file per task, one at a time,
@@ -136,7 +137,7 @@ class Producer:
                 self._channel = ProducerChannel(names.endpoint(opts.name))
                 resources.callback(names.socket_path(opts.name).unlink, missing_ok=True)
                 resources.callback(self._close_channel)
-                self._scan = _Scan(self.data, listing=parse_cache(opts.cache)[0] is CacheMode.DISK)
+                self._scan = _Scan(self.data, listing=parse_cache(opts.cache)[0] is not CacheMode.OFF)
                 log.info("%r: scanning %s; jobs may attach at %s", opts.name, self.data, names.endpoint(opts.name))
                 self._loop()
             except BaseException as exc:
@@ -359,6 +360,8 @@ class Producer:
         choice = choose(mode, folder, samples=len(self._dataset), sample_bytes=sample_bytes, limit=limit,
                         stateful_ops=self._supervisor.stateful or [])
         if choice.mode is CacheMode.OFF:
+            if opts.shard_of[1] > 1:
+                raise ConfigError(f"--shard {opts.shard} needs a cache, and this producer has none: {choice.reason}")
             log.info("%r: %s", opts.name, choice.reason)
         else:
             key = cache_key(self._listing or b"", self.pipeline_file, self._sample_shape, self._dtype.name,
@@ -394,7 +397,12 @@ class Producer:
         self._sample_shape, self._dtype = list(layout.sample_shape), np.dtype(layout.dtype)
         store = self._cache.store
         store.mark(list(self._feed.excluded), Mark.EXCLUDED)  # found while measuring
-        self._fill = CacheFill(store.marks, epoch_order(len(self._dataset), opts.seed, 0))
+        first = epoch_order(len(self._dataset), opts.seed, 0)
+        if opts.shard_of[1] > 1:  # this node's share of epoch 0 first: its jobs read it first
+            mine = share(first, *opts.shard_of)[0]
+            first = np.concatenate([mine, first[~np.isin(first, mine)]])
+        self._fill = CacheFill(store.marks, first)
+        self._fingerprint = fingerprint(self._listing, self.pipeline_file, opts, layout)
         log.info("%r: cache %s: %d of %d samples decoded%s, %d excluded; %s", opts.name, store.path,
                  store.valid_count(), layout.samples, " (resumed)" if store.resumed else "", len(store.excluded()),
                  f"{self._fill.pending()} to decode" if self._fill.pending() else "nothing to decode")
@@ -498,18 +506,25 @@ class Producer:
             self._waiting[identity] = hello
             self._channel.send(identity, Starting(os.getpid(), self._starting_reason()))
             return
-        job = self._jobs.add(hello.pid, identity, hello.keep, time.monotonic())
+        refusal = self._group_refusal(hello)
+        if refusal:
+            self._channel.send(identity, Reject(refusal))
+            log.warning("refused a job (pid %d): %s", hello.pid, refusal)
+            return
+        job = self._jobs.add(hello.pid, identity, hello.keep, time.monotonic(), hello.group, hello.rank, hello.world)
         opts = self.options
         if not self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(),
                                        ring=self._ring.layout.to_wire() if self._ring else {},
                                        cache=self._cache.wire() if self._cache else {},
                                        sample_shape=self._sample_shape, dtype=self._dtype.name,
                                        epoch_size=self._epoch_size(), batch_size=opts.batch_size,
-                                       classes=self._dataset.classes, seed=opts.seed, epochs=opts.epochs or 0)):
+                                       classes=self._dataset.classes, seed=opts.seed, epochs=opts.epochs or 0,
+                                       shard=list(opts.shard_of), fingerprint=self._fingerprint)):
             return
         if self._cache is not None:
-            log.info("job %d (pid %d) attached; it reads the cache at its own pace; %d jobs", job.id, job.pid,
-                     len(self._jobs))
+            rank = f" as rank {job.rank} of {job.world} of group {job.group!r}" if job.group else ""
+            log.info("job %d (pid %d) attached%s; it reads the cache at its own pace; %d jobs", job.id, job.pid,
+                     rank, len(self._jobs))
             return
         for k in self._slots.resident_of_current_epoch():
             self._announce(job, k)
@@ -519,6 +534,14 @@ class Producer:
                         "(it keeps %d), so the other jobs wait for it; serve with --slots %d or more", job.id,
                         job.keep, len(self._slots.slots), job.keep + 2, job.keep + 3)
 
+    def _group_refusal(self, hello: Hello) -> str | None:
+        if not hello.group:
+            return None
+        if self._cache is None:
+            return (f"consumer groups read from a cache, and producer {self.options.name!r} streams through its ring "
+                    f"(--cache off, or a stage that cannot be cached); serve with --cache memory, gpu or DIR")
+        return self._jobs.group_refusal(hello.group, hello.rank, hello.world)
+
     def _epoch_size(self) -> int:
         if self._cache is not None:  # its marks also know the files a previous producer excluded
             return len(self._dataset) - len(self._cache.store.excluded())
@@ -527,7 +550,7 @@ class Producer:
     def _send(self, job: Job, msg) -> bool:
         """Send to a job; a job that cannot be reached is detached (and False returned)."""
         if not self._channel.send(job.identity, msg):
-            self._detach(job, "unreachable (its socket is gone or full)")
+            self._detach(job, "unreachable (its socket is gone or full)", lost=True)
             return False
         return True
 
@@ -564,7 +587,7 @@ class Producer:
 
     def _detach_dead(self) -> None:
         for job in self._jobs.dead():
-            self._detach(job, "died (its process is gone)")
+            self._detach(job, "died (its process is gone)", lost=True)
 
     def _suspend_stallers(self, now: float) -> None:
         """Suspend the jobs that held the others back for longer than the stall timeout (while the
@@ -591,11 +614,18 @@ class Producer:
         log.info("job %d (pid %d) resumed after batch %d; sent it %d resident batches",
                  job.id, job.pid, after_seq, len(resident))
 
-    def _detach(self, job: Job, why: str) -> None:
+    def _detach(self, job: Job, why: str, lost: bool = False) -> None:
+        """Forget the job and free what it holds. ``lost``: it died or cannot be reached, so the other
+        ranks of its group cannot go on: they are told (``GroupLost``) and detached too."""
         if not self._jobs.remove(job):
             return
         self._slots.forget(job.id)
         log.info("job %d (pid %d) %s; %d jobs left", job.id, job.pid, why, len(self._jobs))
+        if lost and job.group:
+            reason = f"rank {job.rank} of group {job.group!r} (pid {job.pid}) {why}"
+            for mate in self._jobs.group(job.group):
+                self._channel.send(mate.identity, GroupLost(reason))
+                self._detach(mate, f"told that {reason}")
 
 
 class _Scan:

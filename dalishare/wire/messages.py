@@ -5,7 +5,7 @@ Decoding checks the tag, the exact set of fields and each field's type, so a str
 a `ProtocolError` (which the receiver counts and drops), never code: no pickle anywhere.
 
 Job -> producer: Hello, Release, Heartbeat, Resume, EpochDone, Bye.
-Producer -> job: Starting, Welcome, Reject, Batch, Suspended, Heartbeat (a probe), Stop.
+Producer -> job: Starting, Welcome, Reject, Batch, Suspended, Heartbeat (a probe), GroupLost, Stop.
 
 NOTE [ Control protocol ]
 =========================
@@ -42,6 +42,11 @@ Cited from the loops that implement it: the producer's (producer/server.py) and 
   A producer that dies sends nothing: jobs notice its pid is gone within their poll interval.
 - Bye. Job: ``Bye(reason)`` when it closes. Producer: frees its holds. A job that dies sends
   nothing: the producer notices its pid is gone.
+- Groups. Job: a rank of a consumer group (a DDP job) says ``Hello(group, rank, world)``. Producer:
+  refuses a rank already attached or a world size that differs from the group's (``Reject``). When
+  a rank dies or becomes unreachable (not when it says ``Bye``), it sends ``GroupLost(reason)`` to
+  every other rank of the group and detaches them (the group cannot go on without it). Job: raises
+  `GroupBroken` with the reason at its next batch (within PRODUCER_POLL_S while it reads or waits).
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ import msgpack
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 4  # 2: Hello.keep, Heartbeat.taken; 3: Starting; 4: the cache (Welcome.cache, EpochDone)
+PROTOCOL_VERSION = 5  # 2: Hello.keep, Heartbeat.taken; 3: Starting; 4: the cache (Welcome.cache, EpochDone);
+# 5: consumer groups and shards (Hello.group/rank/world, Welcome.shard/fingerprint, GroupLost)
 MAX_MESSAGE_BYTES = 1 << 20  # a batch announcement of 10,000 samples is ~170 kB
 
 
@@ -63,6 +69,9 @@ class Hello:
     pid: int
     keep: int = 2  # the job's ``keep``: it may be reading its keep+2 oldest held slots (NOTE [ Slot ownership ])
     version: int = PROTOCOL_VERSION
+    group: str = ""  # a consumer group's name ("" for an independent job): this job is rank ``rank`` of ``world``
+    rank: int = 0
+    world: int = 1
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,8 @@ class Welcome:
     classes: list
     seed: int               # the producer's --seed: a cache job computes the shared order from it
     epochs: int             # the producer's --epochs, 0 for none
+    shard: list             # [I, N]: the producer serves node I's share of N ([0, 1]: everything)
+    fingerprint: dict       # what ranks of one group compare (dataset, stage, seed, shards): filling.fingerprint
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,14 @@ class EpochDone:
 
 
 @dataclass(frozen=True)
+class GroupLost:
+    """A rank of this job's consumer group is gone (``reason``): the group cannot go on; the producer
+    has detached the job."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
 class Bye:
     job_id: int
     reason: str
@@ -190,8 +209,8 @@ class Resume:
 
 
 MESSAGES = {cls.__name__.lower(): cls
-            for cls in (Hello, Starting, Welcome, Reject, Batch, Release, Heartbeat, EpochDone, Bye, Stop, Suspended,
-                         Resume)}
+            for cls in (Hello, Starting, Welcome, Reject, Batch, Release, Heartbeat, EpochDone, GroupLost, Bye, Stop,
+                         Suspended, Resume)}
 _TYPES = {"int": int, "str": str, "bytes": bytes, "dict": dict, "list": list, "bool": bool}
 
 

@@ -84,7 +84,8 @@ def test_gpu_work_that_never_finishes_is_a_clear_error_not_a_hang():
 def test_a_device_ring_layout_survives_the_wire_and_a_malformed_one_is_a_protocol_error():
     layout = RingLayout("device", "dalishare.t.1", 4, 1024, gpu="0000:19:00.0", handle=bytes(range(64)))
     welcome = protocol.Welcome(job_id=1, producer_pid=2, ring=layout.to_wire(), cache={}, sample_shape=[2, 2, 3],
-                               dtype="uint8", epoch_size=30, batch_size=8, classes=["a"], seed=0, epochs=0)
+                               dtype="uint8", epoch_size=30, batch_size=8, classes=["a"], seed=0, epochs=0, shard=[0, 1],
+                               fingerprint={})
     assert RingLayout.from_wire(protocol.decode(protocol.encode(welcome)).ring) == layout
     assert RingLayout.from_wire({"kind": "host", "segment": "s", "slots": 2, "slot_bytes": 8}).handle == b""
     with pytest.raises(ProtocolError, match="malformed ring layout"):
