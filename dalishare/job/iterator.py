@@ -100,6 +100,7 @@ class DaliShareIterator:
         self.seed = seed
         self.member = membership(group, rank, world_size, drop_last)  # None: an independent job
         self.drop_last = drop_last
+        self._last_sample = None  # a group rank on the ring: its last sample (images, label, index), to repeat
         self._passes_read = 0  # with a cache: passes this job finished or left (its epochs)
         self._requested_batch_size, self._heartbeat_interval = batch_size, heartbeat_interval
         self._endpoint = names.endpoint(name)
@@ -121,7 +122,7 @@ class DaliShareIterator:
             self._target = self.device or session.ring_device
             if self._target.type == "cuda" and self._target.index is None:
                 self._target = torch.device("cuda", torch.cuda.current_device())
-            if self._splits(session):
+            if session.cache is not None and self._splits(session):
                 session.samples_per_epoch = len(self._my_share(session, 0)[0])
             if self.seed is not None and session.cache is None:
                 raise ConfigError(f"seed={self.seed}: producer {self.name!r} streams one shared order through its "
@@ -155,7 +156,14 @@ class DaliShareIterator:
     job_id = property(lambda self: self._session.job_id if self._session.channel is not None else None)
     producer_pid = property(lambda self: self._session.producer_pid)
     classes = property(lambda self: self._session.classes)
-    samples_per_epoch = property(lambda self: self._session.samples_per_epoch)
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples this job reads per epoch (a group rank: its share)."""
+        n = self._session.samples_per_epoch
+        if self.member is not None and self._session.cache is None:  # the ring announces the whole epoch's size
+            n = n // self.member.world if self.drop_last else -(-n // self.member.world)
+        return n
+
     producer_batch_size = property(lambda self: self._session.producer_batch_size)
     batch_size = property(lambda self: self._session.rebatcher.batch_size)
     ring_device = property(lambda self: self._session.ring_device)
@@ -188,6 +196,7 @@ class DaliShareIterator:
             return
         self.epoch = head.epoch
         session.rebatcher.begin_epoch()
+        self._share_read = 0  # a group rank: samples of its share read in this pass
         while (batch := self._next_batch()) is not None:
             if self.augment is not None:
                 batch = self.augment(batch)
@@ -361,6 +370,8 @@ class DaliShareIterator:
 
     def _assemble(self) -> dict | None:
         session, rebatcher = self._session, self._session.rebatcher
+        if self.member is not None:
+            return self._assemble_share()
         if not self._reading():
             return None
         if rebatcher.next_is_view():  # inside one producer batch: a view
@@ -396,6 +407,51 @@ class DaliShareIterator:
         if self._target.type != "cpu":  # pinned and non-blocking: a plain copy would wait for the GPU
             labels = labels.pin_memory().to(self._target, non_blocking=True)
         return {"images": images, "labels": labels, "indices": indices}
+
+    def _assemble_share(self) -> dict | None:
+        """A group rank's batch from the ring: its positions of the epoch (p % world == rank, as
+        DistributedSampler takes them) out of the producer batches, copied into tensors it owns.
+        The tail is evened out with a flagged repeat of its last sample, or dropped (``drop_last``)."""
+        session, rebatcher, member = self._session, self._session.rebatcher, self.member
+        size = self.batch_size
+        images = torch.empty((size, *session.sample_shape), dtype=session.dtype, device=self._target)
+        labels, indices = torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=torch.int64)
+        padded = torch.zeros(size, dtype=torch.bool)
+        filled = 0
+        while filled < size and self._share_read < self.samples_per_epoch and self._reading():
+            msg, first = rebatcher.current, rebatcher.offset
+            mine = range(first + (member.rank - msg.start - first) % member.world, msg.count, member.world)
+            chosen = mine[: min(size - filled, self.samples_per_epoch - self._share_read)]
+            end = chosen[-1] + 1 if 0 < len(chosen) < len(mine) else msg.count  # all of mine here: the whole rest
+            piece = rebatcher.take(end - first)
+            if chosen:
+                rows = torch.tensor(chosen, dtype=torch.int64) - piece.offset
+                part_images, part_labels, part_indices = self._tensors(piece)
+                n = len(chosen)
+                images[filled : filled + n] = part_images.index_select(0, rows.to(part_images.device))
+                labels[filled : filled + n], indices[filled : filled + n] = part_labels[rows], part_indices[rows]
+                if not session.ring.holds(piece.msg.slot, piece.msg.seq):  # rewritten while we copied (host ring)
+                    raise SlotReused(filled + n + piece.rest)
+                filled, self._share_read = filled + n, self._share_read + n
+            self._finish(piece)
+        epoch_read = rebatcher.current is None and rebatcher.last is not None and rebatcher.last.last
+        if epoch_read and filled < size and self._share_read < self.samples_per_epoch:  # the tail: repeats
+            pads = min(size - filled, self.samples_per_epoch - self._share_read)
+            source = (images[filled - 1], labels[filled - 1], indices[filled - 1]) if filled else self._last_sample
+            if source is None:
+                raise DatasetError(f"job {self.job_id}: rank {member.rank} of {member.world} got no sample of epoch "
+                                   f"{self.epoch} to repeat: the epoch has fewer samples than the group has ranks")
+            for out, value in zip((images, labels, indices), source):
+                out[filled : filled + pads] = value
+            padded[filled : filled + pads] = True
+            filled, self._share_read = filled + pads, self._share_read + pads
+        if not filled:
+            return None
+        self._last_sample = (images[filled - 1].clone(), labels[filled - 1].clone(), indices[filled - 1].clone())
+        images, labels, indices, padded = images[:filled], labels[:filled], indices[:filled], padded[:filled]
+        if self._target.type != "cpu":
+            labels = labels.pin_memory().to(self._target, non_blocking=True)
+        return {"images": images, "labels": labels, "indices": indices, "padded": padded}
 
     @property
     def _sample_bytes(self) -> int:

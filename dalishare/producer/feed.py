@@ -67,6 +67,11 @@ class EpochFeed:
         self._pos += len(indices)
         return plan
 
+    def skip_rest_of_epoch(self) -> None:
+        """The next plan starts the next epoch (nobody reads the rest of this one)."""
+        if self._pos:
+            self._start_epoch(self._epoch + 1)
+
     def exclude(self, index: int, reason: str) -> None:
         self.excluded[index] = reason
 

@@ -75,12 +75,12 @@ def reusable_layout(path: Path, listing: bytes, stage_file: Path, decoder: str) 
     return layout
 
 
-def fingerprint(listing: bytes | None, stage_file: Path, options, layout: CacheLayout) -> dict:
+def fingerprint(listing: bytes, stage_file: Path, options, samples: int, sample_shape: list, dtype: str) -> dict:
     """What the ranks of one DDP job compare across nodes (through torch.distributed) before they read:
     producers that disagree on any of it would serve them different data."""
-    return {"dataset": (listing or b"").hex()[:16], "samples": layout.samples,
+    return {"dataset": listing.hex()[:16], "samples": samples,
             "stage": hashlib.sha256(Path(stage_file).read_bytes()).hexdigest()[:16],
-            "output": f"{layout.sample_shape} {layout.dtype}", "seed": options.seed, "shards": options.shard_of[1]}
+            "output": f"{list(sample_shape)} {dtype}", "seed": options.seed, "shards": options.shard_of[1]}
 
 
 class ServedCache:

@@ -17,10 +17,13 @@ from .slots import SlotTable
 
 class JobState(enum.Enum):
     """ACTIVE -> SUSPENDED when it stalls (`JobRegistry.stallers`); SUSPENDED -> ACTIVE when it sends
-    ``Resume``. A job leaves the registry from either state (``Bye``, death, unreachable)."""
+    ``Resume``. A rank of a consumer group on the ring starts FORMING -> ACTIVE, with all its group's
+    ranks at once, at an epoch's first batch once they are all attached (`JobRegistry.activate`).
+    A job leaves the registry from any state (``Bye``, death, unreachable)."""
 
     ACTIVE = "active"        # gets every announcement
     SUSPENDED = "suspended"  # stalled: gets no announcements until it resumes
+    FORMING = "forming"      # a group's rank waiting for its other ranks or the next epoch: gets nothing, holds nothing
 
 
 @dataclass
@@ -54,12 +57,12 @@ class JobRegistry:
     _jobs: dict[int, Job] = field(default_factory=dict)
 
     def add(self, pid: int, identity: bytes, keep: int, now: float, group: str = "", rank: int = 0,
-            world: int = 1) -> Job:
+            world: int = 1, state: JobState = JobState.ACTIVE) -> Job:
         job_id = secrets.randbits(31)
         while job_id in self._jobs:
             job_id = secrets.randbits(31)
         job = Job(job_id, pid, identity, keep, last_seen=now, started=names.process_start(pid), last_progress=now,
-                  group=group, rank=rank, world=world)
+                  group=group, rank=rank, world=world, state=state)
         self._jobs[job_id] = job
         return job
 
@@ -78,6 +81,18 @@ class JobRegistry:
         """The attached ranks of ``group`` (none for "")."""
         return [job for job in self._jobs.values() if group and job.group == group]
 
+    def formed(self) -> list[str]:
+        """Groups whose ranks are all attached and still FORMING: to start at the next epoch's first batch."""
+        names = {job.group for job in self._jobs.values() if job.state is JobState.FORMING}
+        return sorted(g for g in names if len(self.group(g)) == self.group(g)[0].world)
+
+    def activate(self, group: str, now: float) -> list[Job]:
+        """FORMING -> ACTIVE for every rank of ``group``; its ranks."""
+        ranks = self.group(group)
+        for job in ranks:
+            job.state, job.last_progress = JobState.ACTIVE, now
+        return ranks
+
     def get(self, job_id: int) -> Job | None:
         return self._jobs.get(job_id)
 
@@ -92,7 +107,7 @@ class JobRegistry:
         return len(self._jobs)
 
     def active(self) -> list[Job]:
-        return [job for job in self._jobs.values() if not job.suspended]
+        return [job for job in self._jobs.values() if job.state is JobState.ACTIVE]
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -134,5 +149,5 @@ class JobRegistry:
         active = self.active()
         if all(table.unread(job.id, job.taken) for job in active):  # nobody waits
             return []
-        return [job for job in active
-                if table.unread(job.id, job.taken) and now - job.last_progress >= stall_timeout]
+        return [job for job in active  # a group's ranks are never suspended: they would skip different samples
+                if not job.group and table.unread(job.id, job.taken) and now - job.last_progress >= stall_timeout]

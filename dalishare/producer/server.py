@@ -59,7 +59,7 @@ from .cache_policy import CacheChoice, CacheMode, choose, default_limit, human, 
 from .dataset import Dataset, scan
 from .feed import EpochFeed
 from .filling import CacheFill, ServedCache, dali_version, disk_cache_path, fingerprint, reusable_layout
-from .jobs import Job, JobRegistry
+from .jobs import Job, JobRegistry, JobState
 from .options import ServeOptions
 from .slots import SlotTable
 from .stage import parse_device
@@ -137,7 +137,7 @@ class Producer:
                 self._channel = ProducerChannel(names.endpoint(opts.name))
                 resources.callback(names.socket_path(opts.name).unlink, missing_ok=True)
                 resources.callback(self._close_channel)
-                self._scan = _Scan(self.data, listing=parse_cache(opts.cache)[0] is not CacheMode.OFF)
+                self._scan = _Scan(self.data)
                 log.info("%r: scanning %s; jobs may attach at %s", opts.name, self.data, names.endpoint(opts.name))
                 self._loop()
             except BaseException as exc:
@@ -231,7 +231,7 @@ class Producer:
 
     # -- the stage: NOTE [ Stage worker protocol ] in wire/stage.py -------------------------------
 
-    def _start_stage(self, scanned: tuple[Dataset, bytes | None]) -> None:
+    def _start_stage(self, scanned: tuple[Dataset, bytes]) -> None:
         """The dataset is listed: serve a DIR cache of the same key at once, or start the stage
         worker to measure the first batch."""
         opts = self.options
@@ -265,7 +265,7 @@ class Producer:
                 return False
             if self.phase is Phase.MEASURING:
                 return True
-        if self._final_epoch_fed() or not self._jobs.active():  # nothing more, or nobody to produce for
+        if self._final_epoch_fed() or not (self._jobs.active() or self._jobs.formed()):  # nothing more, or nobody to produce for
             return False
         if not self._started and len(self._jobs) < self.options.min_consumers:
             return False
@@ -279,6 +279,8 @@ class Producer:
             self._fill_started = self._fill_started or time.monotonic()
             return
         careful = self._careful_until is not None
+        if self._jobs.formed() and not self._jobs.active() and not careful:  # a group waits for an epoch's start
+            self._feed.skip_rest_of_epoch()
         plan = self._feed.next_plan(limit=1 if careful else None)
         k = -1  # measuring: the worker writes nothing
         if self.phase is Phase.SERVING:
@@ -309,6 +311,9 @@ class Producer:
                 self._cache_full()
             return
         k = task.slot
+        if plan.start == 0:  # an epoch begins: groups whose ranks are all here start with it
+            for group in self._jobs.formed():
+                self._start_group(group, [], plan.epoch)
         self._ring.mark(k, task.seq)
         self._slots.fill(k, Batch(seq=task.seq, slot=k, epoch=plan.epoch, start=plan.start,
                                   count=len(plan.indices), last=plan.last, epoch_size=len(plan.order),
@@ -364,7 +369,7 @@ class Producer:
                 raise ConfigError(f"--shard {opts.shard} needs a cache, and this producer has none: {choice.reason}")
             log.info("%r: %s", opts.name, choice.reason)
         else:
-            key = cache_key(self._listing or b"", self.pipeline_file, self._sample_shape, self._dtype.name,
+            key = cache_key(self._listing, self.pipeline_file, self._sample_shape, self._dtype.name,
                             dali_version(), self._decoder())
             layout = CacheLayout(key, len(self._dataset), self._sample_shape, self._dtype.name,
                                  rows_in_file=choice.mode is not CacheMode.GPU)
@@ -402,7 +407,6 @@ class Producer:
             mine = share(first, *opts.shard_of)[0]
             first = np.concatenate([mine, first[~np.isin(first, mine)]])
         self._fill = CacheFill(store.marks, first)
-        self._fingerprint = fingerprint(self._listing, self.pipeline_file, opts, layout)
         log.info("%r: cache %s: %d of %d samples decoded%s, %d excluded; %s", opts.name, store.path,
                  store.valid_count(), layout.samples, " (resumed)" if store.resumed else "", len(store.excluded()),
                  f"{self._fill.pending()} to decode" if self._fill.pending() else "nothing to decode")
@@ -439,6 +443,8 @@ class Producer:
 
     def _enter_serving(self, where: str) -> None:
         opts = self.options
+        self._fingerprint = fingerprint(self._listing, self.pipeline_file, opts, len(self._dataset),
+                                        self._sample_shape, self._dtype.name)
         self.phase = Phase.SERVING
         log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %s, at %s", opts.name,
                  len(self._dataset), len(self._dataset.classes), opts.batch_size, self._sample_shape, self._dtype,
@@ -511,7 +517,9 @@ class Producer:
             self._channel.send(identity, Reject(refusal))
             log.warning("refused a job (pid %d): %s", hello.pid, refusal)
             return
-        job = self._jobs.add(hello.pid, identity, hello.keep, time.monotonic(), hello.group, hello.rank, hello.world)
+        forming = bool(hello.group) and self._cache is None  # on the ring a group starts at an epoch's start
+        job = self._jobs.add(hello.pid, identity, hello.keep, time.monotonic(), hello.group, hello.rank, hello.world,
+                             JobState.FORMING if forming else JobState.ACTIVE)
         opts = self.options
         if not self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(),
                                        ring=self._ring.layout.to_wire() if self._ring else {},
@@ -526,6 +534,14 @@ class Producer:
             log.info("job %d (pid %d) attached%s; it reads the cache at its own pace; %d jobs", job.id, job.pid,
                      rank, len(self._jobs))
             return
+        if forming:
+            ranks = self._jobs.group(job.group)
+            log.info("job %d (pid %d) attached as rank %d of %d of group %r (%d of its ranks here)", job.id, job.pid,
+                     job.rank, job.world, job.group, len(ranks))
+            resident = self._slots.epoch_from_start()
+            if job.group in self._jobs.formed() and resident:
+                self._start_group(job.group, resident, self._slots.slots[resident[0]].batch.epoch)
+            return
         for k in self._slots.resident_of_current_epoch():
             self._announce(job, k)
         log.info("job %d (pid %d, keep=%d) attached; %d jobs", job.id, job.pid, job.keep, len(self._jobs))
@@ -537,10 +553,19 @@ class Producer:
     def _group_refusal(self, hello: Hello) -> str | None:
         if not hello.group:
             return None
-        if self._cache is None:
-            return (f"consumer groups read from a cache, and producer {self.options.name!r} streams through its ring "
-                    f"(--cache off, or a stage that cannot be cached); serve with --cache memory, gpu or DIR")
         return self._jobs.group_refusal(hello.group, hello.rank, hello.world)
+
+    def _start_group(self, group: str, resident: list[int], epoch: int) -> None:
+        """Every rank of ``group`` is here; on the ring they start together at an epoch's first
+        batch, so each gets the same share of whole epochs: the resident one (``resident``: its
+        slots, oldest first), else the next one filled (`_on_filled` calls this with [] as it
+        announces it; until then they stay FORMING, and `_submit` skips the rest of the epoch if
+        nobody else reads it)."""
+        ranks = self._jobs.activate(group, time.monotonic())
+        for job in ranks:
+            for k in resident:
+                self._announce(job, k)
+        log.info("group %r: its %d ranks start together at epoch %d", group, len(ranks), epoch)
 
     def _epoch_size(self) -> int:
         if self._cache is not None:  # its marks also know the files a previous producer excluded
@@ -632,23 +657,22 @@ class _Scan:
     """The dataset scan, in a thread so the loop answers jobs meanwhile (a big folder takes a while).
     Daemonic: a producer stopped during the scan does not wait for it."""
 
-    def __init__(self, data: Path, listing: bool):
-        """``listing``: also stat every file, for a DIR cache's key."""
-        self._result: tuple[Dataset, bytes | None] | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(data, listing), name="dalishare-scan", daemon=True)
+    def __init__(self, data: Path):
+        self._result: tuple[Dataset, bytes] | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(data,), name="dalishare-scan", daemon=True)
         self._thread.start()
 
-    def _run(self, data: Path, listing: bool) -> None:
-        try:  # the listing digest (a stat per file) keys a cache
+    def _run(self, data: Path) -> None:
+        try:  # the listing digest (a stat per file) keys a cache and tells ranks' datasets apart
             dataset = scan(data)
-            self._result = (dataset, listing_digest(dataset.root, dataset.files) if listing else None)
+            self._result = (dataset, listing_digest(dataset.root, dataset.files))
         except BaseException as exc:  # handed to the loop, which raises it
             self._result = exc
 
     def done(self) -> bool:
         return not self._thread.is_alive()
 
-    def result(self) -> tuple[Dataset, bytes | None]:
+    def result(self) -> tuple[Dataset, bytes]:
         if isinstance(self._result, BaseException):
             raise self._result
         return self._result

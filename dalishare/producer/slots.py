@@ -96,6 +96,18 @@ class SlotTable:
         epoch = self.slots[filled[-1]].batch.epoch
         return [k for k in filled if self.slots[k].batch.epoch == epoch]
 
+    def epoch_from_start(self) -> list[int]:
+        """Slots holding an epoch from its first batch on, unbroken up to the newest batch, oldest
+        first, or []: where a consumer group can start now with a whole epoch."""
+        filled = sorted((k for k, s in enumerate(self.slots) if s.batch is not None), key=lambda k: self.slots[k].batch.seq)
+        for i, k in enumerate(filled):
+            run = [self.slots[j].batch for j in filled[i:]]
+            if run[0].start == 0 and all(b.epoch == a.epoch and b.start == a.start + a.count
+                                         or a.last and b.epoch == a.epoch + 1 and b.start == 0
+                                         for a, b in zip(run, run[1:])):
+                return filled[i:]
+        return []
+
     def resident_after(self, seq: int) -> list[int]:
         """Slots holding batches newer than ``seq``, oldest first (what a resumed job gets again)."""
         return sorted((k for k, s in enumerate(self.slots) if s.batch is not None and s.batch.seq > seq),

@@ -140,14 +140,36 @@ def test_ranks_on_producers_that_disagree_are_refused_at_attach(dataset, tmp_pat
     assert "disagree on the producer's seed: 1 here, 2 there" in outputs[0]
 
 
-def test_a_group_needs_a_cache_and_a_rank_is_attached_once(dataset, tmp_path):
+@pytest.mark.parametrize("cache", ["off", "memory"])
+def test_a_group_on_the_ring_or_a_cache_and_independent_jobs_side_by_side(dataset, tmp_path, cache):
+    # on the ring the group starts at an epoch's first batch once its 4 ranks are here, and the
+    # producer paces it as one job with the independent one
+    out = tmp_path / "ranks"
+    with Server(dataset, "--batch-size", "8", "--slots", "6", "--cache", cache, "--epochs", "3",
+                "--min-consumers", "5") as server:
+        solo = Job(tmp_path / "solo.json", batch_size=7, passes=3)
+        spec = {"names": ["t"], "batch_size": 3, "epochs": 2, "out": str(out)}
+        ranks = [by_hand(rank, 4, spec) for rank in range(4)]
+        outputs = finish(ranks)
+        assert all(p.returncode == 0 for p in ranks), "\n".join(outputs)
+        solo_res = solo.result()
+        assert server.wait() == 0, server.log()
+    got = records(out, 4)
+    assert all(r["len"] == 3 for r in got)  # 30 samples: 8 per rank (2 repeats), batches of 3, 3, 2
+    for epoch in (0, 1):
+        parts = [r["epochs"][epoch] for r in got]
+        assert len({p["epoch"] for p in parts}) == 1 and all(p["batches"] == 3 for p in parts)
+        real = Counter(i for p in parts for i, pad in zip(p["indices"], p["padded"]) if not pad)
+        assert sorted(real) == list(range(N)) and set(real.values()) == {1}, f"epoch {epoch}: not exactly once"
+        assert [sum(p["padded"]) for p in parts] == [0, 0, 1, 1]
+    for p in solo_res["passes"]:
+        assert sorted(i for b in p["batches"] for i in b["indices"]) == list(range(N))
+
+
+def test_a_rank_is_attached_once_and_shards_need_a_cache(dataset, tmp_path):
     spec = {"names": ["t"], "batch_size": 2, "epochs": 1, "out": str(tmp_path / "r")}
-    with Server(dataset, "--cache", "off"):
-        (output,) = finish([by_hand(0, 2, spec)])
-    assert "consumer groups read from a cache" in output
     with Server(dataset, "--cache", "memory") as server:
         first = by_hand(0, 2, {**spec, "sleep": 30})
-        time.sleep(0.5)
         deadline = time.monotonic() + 60
         while "as rank 0 of 2" not in server.log() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -155,3 +177,28 @@ def test_a_group_needs_a_cache_and_a_rank_is_attached_once(dataset, tmp_path):
         first.kill()
         first.communicate()
     assert "rank 0 of group 'ddp' is already attached" in output
+    with Server(dataset, "--cache", "off", "--shard", "0/2") as server:
+        assert server.wait() == 2
+    assert "--shard needs a cache" in server.log()
+
+
+def test_a_group_that_attaches_mid_epoch_on_the_ring_starts_together_at_an_epoch_s_start(dataset, tmp_path):
+    out = tmp_path / "ranks"
+    with Server(dataset, "--batch-size", "4", "--slots", "4", "--cache", "off") as server:
+        solo = Job(tmp_path / "solo.json", batch_size=4, passes=4, sleep=0.15)
+        solo.wait_attached()
+        time.sleep(1.5)  # the independent job is mid-epoch
+        spec = {"names": ["t"], "batch_size": 4, "epochs": 2, "out": str(out)}
+        first = by_hand(0, 2, spec)
+        time.sleep(1.0)  # the ranks come one after the other
+        second = by_hand(1, 2, spec)
+        outputs = finish([first, second])
+        assert first.returncode == 0 and second.returncode == 0, "\n".join(outputs)
+        solo.result()
+        log = server.log()
+    assert "group 'ddp': its 2 ranks start together at epoch" in log, log
+    got = records(out, 2)
+    for epoch in (0, 1):
+        parts = [r["epochs"][epoch] for r in got]
+        assert parts[0]["epoch"] == parts[1]["epoch"] and all(len(p["indices"]) == 15 for p in parts)
+        assert sorted(i for p in parts for i in p["indices"]) == list(range(N)), "not a whole epoch"

@@ -147,3 +147,20 @@ def test_suspend_and_resume_follow_the_allowed_transitions():
     jobs.suspend(job)
     assert job.state is JobState.SUSPENDED and jobs.active() == []
     assert jobs.resume(job, now=2.0) and job.state is JobState.ACTIVE and job.last_progress == 2.0
+
+
+def test_a_group_starts_at_a_resident_epoch_start_only_if_the_epoch_is_unbroken_from_there():
+    from dalishare.producer.slots import SlotTable
+    from dalishare.wire.messages import Batch
+
+    def batch(seq, epoch, start, count=4, last=False):
+        return Batch(seq=seq, slot=0, epoch=epoch, start=start, count=count, last=last, epoch_size=12, excluded=0,
+                     labels=b"", indices=b"", sent_ns=0)
+
+    table = SlotTable(4)
+    for k, b in enumerate([batch(5, 1, 4), batch(6, 1, 8, last=True), batch(7, 2, 0), batch(8, 2, 4)]):
+        table.reserve(k, b.seq)
+        table.fill(k, b)
+    assert table.epoch_from_start() == [2, 3]  # epoch 2 from its first batch
+    table.reserve(2, 9)  # its first batch overwritten: no whole epoch resident
+    assert table.epoch_from_start() == []
