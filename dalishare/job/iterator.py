@@ -28,7 +28,7 @@ from .keep import KeepWindow
 from .rebatch import Piece
 from ..intervals import PRODUCER_POLL_S
 from .session import Counters, Session
-from .views import leased_view, piece_tensors
+from .views import leased_view, piece_padded, piece_tensors
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +377,7 @@ class DaliShareIterator:
         if rebatcher.next_is_view():  # inside one producer batch: a view
             piece = rebatcher.take(self.batch_size)
             images, labels, indices = self._tensors(piece)
+            padded = piece_padded(piece)
             if images.device != self._target:
                 images = images.to(self._target)  # one copy: to the CPU (synchronous), another GPU, or a GPU
             elif self.copy:
@@ -390,11 +391,12 @@ class DaliShareIterator:
             size = self.batch_size
             images = torch.empty((size, *session.sample_shape), dtype=session.dtype, device=self._target)
             labels, indices = torch.empty(size, dtype=torch.int64), torch.empty(size, dtype=torch.int64)
+            padded = torch.zeros(size, dtype=torch.bool)
             filled = 0
             while filled < size and self._reading():
                 piece = rebatcher.take(size - filled)
                 n = piece.count
-                for out, part in zip((images, labels, indices), self._tensors(piece)):
+                for out, part in zip((images, labels, indices, padded), (*self._tensors(piece), piece_padded(piece))):
                     out[filled : filled + n] = part
                 # rewritten while we copied? (host rings; on a device ring the copy is only queued
                 # here, and the GPU rule of NOTE [ Slot ownership ] is what protects it)
@@ -403,10 +405,13 @@ class DaliShareIterator:
                 filled += n
                 self._finish(piece)
             if filled < size:  # the epoch (or the producer) ended first: a last, smaller batch
-                images, labels, indices = images[:filled], labels[:filled], indices[:filled]
+                images, labels, indices, padded = images[:filled], labels[:filled], indices[:filled], padded[:filled]
         if self._target.type != "cpu":  # pinned and non-blocking: a plain copy would wait for the GPU
             labels = labels.pin_memory().to(self._target, non_blocking=True)
-        return {"images": images, "labels": labels, "indices": indices}
+        batch = {"images": images, "labels": labels, "indices": indices}
+        if session.shard[1] > 1:  # a sharded producer's repeats, flagged as a group's are
+            batch["padded"] = padded
+        return batch
 
     def _assemble_share(self) -> dict | None:
         """A group rank's batch from the ring: its positions of the epoch (p % world == rank, as
@@ -430,6 +435,7 @@ class DaliShareIterator:
                 n = len(chosen)
                 images[filled : filled + n] = part_images.index_select(0, rows.to(part_images.device))
                 labels[filled : filled + n], indices[filled : filled + n] = part_labels[rows], part_indices[rows]
+                padded[filled : filled + n] = piece_padded(piece)[rows]  # the node's repeats (a sharded producer)
                 if not session.ring.holds(piece.msg.slot, piece.msg.seq):  # rewritten while we copied (host ring)
                     raise SlotReused(filled + n + piece.rest)
                 filled, self._share_read = filled + n, self._share_read + n

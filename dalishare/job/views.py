@@ -23,6 +23,14 @@ def piece_tensors(slot: torch.Tensor, piece: Piece, sample_shape: tuple, dtype: 
     return images, torch.from_numpy(labels), torch.from_numpy(indices)
 
 
+def piece_padded(piece: Piece) -> torch.Tensor:
+    """``piece``'s padding flags: True for the repeats a sharded producer adds (all False otherwise)."""
+    rows = slice(piece.offset, piece.offset + piece.count)
+    if not piece.msg.padded:
+        return torch.zeros(piece.count, dtype=torch.bool)
+    return torch.from_numpy(np.frombuffer(piece.msg.padded, dtype=np.uint8)[rows].astype(bool))
+
+
 def leased_view(ring, slot: int, offset: int, shape: tuple, dtype: torch.dtype, device: torch.device):
     """Samples of ``slot`` from byte ``offset`` as a tensor of ``shape`` with storage of its own
     (zero copy), and the lease that lives as long as anything refers to that tensor (keep.py)."""

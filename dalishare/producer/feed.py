@@ -3,7 +3,10 @@
 `EpochFeed` cuts the epochs into `Plan`s, one per batch; the producer sends each to its stage worker
 as a task. When the worker is lost with tasks in flight, the producer excludes the files the probes
 blamed and rewinds the feed to the oldest lost plan: the samples already served keep their
-positions, the rest of the epoch closes up.
+positions, the rest of the epoch closes up. A producer serving one node's shard (``--shard I/N``)
+feeds that node's share of each epoch's order (DistributedSampler's cut, padded with flagged
+repeats); there an excluded file is replaced by a flagged repeat of a neighbour instead, so every
+node's share keeps the same size and the ranks' batch counts stay equal.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..wire.order import epoch_order
+from ..wire.order import epoch_order, share
 from .dataset import Dataset
 from ..errors import DatasetError
 
@@ -25,11 +28,13 @@ class Plan:
     labels: np.ndarray
     last: bool            # the epoch's last batch
     order: np.ndarray     # the epoch's order this batch was cut from (needed to rewind)
+    padded: np.ndarray    # bool per sample of ``indices``: a repeat that evens out a shard (or stands in for an excluded file)
+    order_padded: np.ndarray  # the same for the whole ``order``
 
 
 class EpochFeed:
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
+        self.dataset, self.batch_size, self.seed, self.shard = dataset, batch_size, seed, shard
         self.excluded: dict[int, str] = {}  # sample index -> why DALI cannot decode it
         self._start_epoch(0)
 
@@ -40,14 +45,27 @@ class EpochFeed:
 
     def _start_epoch(self, epoch: int) -> None:
         order = epoch_order(len(self.dataset), self.seed, epoch)
-        self._epoch, self._pos, self._order = epoch, 0, self._without_excluded(order)
+        padded = np.zeros(len(order), dtype=bool)
+        if self.shard[1] > 1:
+            order, padded = share(order, *self.shard)
+        self._epoch, self._pos = epoch, 0
+        self._order, self._padded = self._without_excluded(order, padded)
         if not len(self._order):
             raise DatasetError(f"none of the {len(self.dataset)} files in {self.dataset.root} can be decoded")
 
-    def _without_excluded(self, order: np.ndarray) -> np.ndarray:
+    def _without_excluded(self, order: np.ndarray, padded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``order`` without the excluded files: dropped, or for a shard replaced by a flagged repeat
+        of the nearest decodable sample before them (after them at the start)."""
         if not self.excluded:
-            return order
-        return order[~np.isin(order, np.fromiter(self.excluded, dtype=np.int64))]
+            return order, padded
+        bad = np.isin(order, np.fromiter(self.excluded, dtype=np.int64))
+        if self.shard[1] == 1:
+            return order[~bad], padded[~bad]
+        good = np.flatnonzero(~bad)
+        if not good.size:
+            return order[:0], padded[:0]
+        stand_in = good[np.clip(np.searchsorted(good, np.arange(len(order)), side="right") - 1, 0, None)]
+        return order[stand_in], padded | bad
 
     def next_epoch(self) -> int:
         """The epoch of the next plan."""
@@ -61,9 +79,11 @@ class EpochFeed:
         """The next batch: ``batch_size`` samples, or ``limit`` (fewer), or the rest of the epoch."""
         if self._pos == len(self._order):
             self._start_epoch(self._epoch + 1)
-        indices = self._order[self._pos : self._pos + min(self.batch_size, limit or self.batch_size)]
+        rows = slice(self._pos, self._pos + min(self.batch_size, limit or self.batch_size))
+        indices = self._order[rows]
         last = self._pos + len(indices) == len(self._order)
-        plan = Plan(self._epoch, self._pos, indices, self.dataset.labels[indices], last, self._order)
+        plan = Plan(self._epoch, self._pos, indices, self.dataset.labels[indices], last, self._order,
+                    self._padded[rows], self._padded)
         self._pos += len(indices)
         return plan
 
@@ -77,6 +97,7 @@ class EpochFeed:
 
     def rewind(self, plan: Plan) -> None:
         """Feed again from the start of ``plan`` (which failed), without the excluded samples."""
-        served, rest = plan.order[: plan.start], plan.order[plan.start :]
         self._epoch, self._pos = plan.epoch, plan.start
-        self._order = np.concatenate([served, self._without_excluded(rest)])
+        rest, rest_padded = self._without_excluded(plan.order[plan.start :], plan.order_padded[plan.start :])
+        self._order = np.concatenate([plan.order[: plan.start], rest])
+        self._padded = np.concatenate([plan.order_padded[: plan.start], rest_padded])

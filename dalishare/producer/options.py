@@ -56,9 +56,7 @@ class ServeOptions:
                               "(or use --cache memory)")
         if self.cache_limit is not None and self.cache_limit < 0:
             raise ConfigError("--cache-limit must not be negative")
-        if self.shard_of[1] > 1 and mode is CacheMode.OFF:
-            raise ConfigError("--shard needs a cache (each node caches the whole dataset: see the README); "
-                              "serve with --cache memory, gpu or DIR")
+        parse_shard(self.shard)  # a bad --shard fails here, in one line
 
 
 # Launcher variables that say which node this is and how many there are, in the order they are tried:

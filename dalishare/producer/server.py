@@ -236,7 +236,7 @@ class Producer:
         worker to measure the first batch."""
         opts = self.options
         self._dataset, self._listing = scanned
-        self._feed = EpochFeed(self._dataset, opts.batch_size, opts.seed)
+        self._feed = EpochFeed(self._dataset, opts.batch_size, opts.seed, opts.shard_of)
         mode, folder = parse_cache(opts.cache)
         if mode is CacheMode.DISK:
             layout = reusable_layout(disk_cache_path(folder, self.data, self.pipeline_file), self._listing,
@@ -279,7 +279,8 @@ class Producer:
             self._fill_started = self._fill_started or time.monotonic()
             return
         careful = self._careful_until is not None
-        if self._jobs.formed() and not self._jobs.active() and not careful:  # a group waits for an epoch's start
+        if self._jobs.formed() and not self._jobs.active() and not careful and \
+                not any(p.start == 0 for p in self._supervisor.plans()):  # a group waits for an epoch's start
             self._feed.skip_rest_of_epoch()
         plan = self._feed.next_plan(limit=1 if careful else None)
         k = -1  # measuring: the worker writes nothing
@@ -318,7 +319,9 @@ class Producer:
         self._slots.fill(k, Batch(seq=task.seq, slot=k, epoch=plan.epoch, start=plan.start,
                                   count=len(plan.indices), last=plan.last, epoch_size=len(plan.order),
                                   excluded=len(self._feed.excluded), labels=plan.labels.astype("<i8").tobytes(),
-                                  indices=plan.indices.astype("<i8").tobytes(), sent_ns=0))
+                                  indices=plan.indices.astype("<i8").tobytes(),
+                                  padded=plan.padded.astype(np.uint8).tobytes() if plan.padded.any() else b"",
+                                  sent_ns=0))
         for job in self._jobs.active():
             self._announce(job, k)
         self._started = True
@@ -365,8 +368,6 @@ class Producer:
         choice = choose(mode, folder, samples=len(self._dataset), sample_bytes=sample_bytes, limit=limit,
                         stateful_ops=self._supervisor.stateful or [])
         if choice.mode is CacheMode.OFF:
-            if opts.shard_of[1] > 1:
-                raise ConfigError(f"--shard {opts.shard} needs a cache, and this producer has none: {choice.reason}")
             log.info("%r: %s", opts.name, choice.reason)
         else:
             key = cache_key(self._listing, self.pipeline_file, self._sample_shape, self._dtype.name,

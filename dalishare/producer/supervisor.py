@@ -242,6 +242,10 @@ class StageSupervisor:
         """Tasks sent and not handed back yet: with the worker, or lost with it and not yet in a `Lost`."""
         return (len(self._worker.tasks) if self._worker else 0) + len(self._lost)
 
+    def plans(self) -> list:
+        """The plans of the tasks in flight (with the worker, or lost with it), oldest first."""
+        return [t.plan for t in (self._worker.tasks if self._worker else [])] + [t.plan for t in self._lost]
+
     def submit(self, seq: int, slot: int, indices: list[int], plan, careful: bool = False,
                rows: bool = False) -> None:
         """Send the worker a task. ``rows``: write the samples to their cache rows. ``careful``: one

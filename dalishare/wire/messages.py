@@ -120,6 +120,7 @@ class Batch:
     labels: bytes           # int64 little-endian, one per sample
     indices: bytes          # int64 little-endian stable sample indices
     sent_ns: int            # time.monotonic_ns() at send, for hand-off latency
+    padded: bytes = b""     # uint8 per sample, 1 for a repeat that evens out a shard (b"": none)
 
 
 @dataclass(frozen=True)

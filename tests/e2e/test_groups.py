@@ -61,11 +61,13 @@ def records(out: Path, world: int) -> list[dict]:
     return [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(world)]
 
 
-def test_a_ddp_job_across_two_shard_producers_reads_every_sample_once_per_epoch(dataset, tmp_path):
+@pytest.mark.parametrize("cache", ["memory", "off"])
+def test_a_ddp_job_across_two_shard_producers_reads_every_sample_once_per_epoch(dataset, tmp_path, cache):
     port, out = free_port(), tmp_path / "ddp"
     spec = {"names": ["n0", "n1"], "batch_size": 3, "epochs": 2, "train": True, "out": str(out)}
-    with Server(dataset, "--batch-size", "8", "--cache", "memory", "--shard", "0/2", "--epochs", "2", name="n0") as a, \
-            Server(dataset, "--batch-size", "8", "--cache", "memory", "--shard", "1/2", "--epochs", "2", name="n1") as b:
+    options = ("--batch-size", "8", "--cache", cache, "--epochs", "2", "--min-consumers", "2")
+    with Server(dataset, *options, "--shard", "0/2", name="n0") as a, \
+            Server(dataset, *options, "--shard", "1/2", name="n1") as b:
         agents = [torchrun(node, 2, 2, port, spec) for node in (0, 1)]
         outputs = finish(agents)
         assert all(agent.returncode == 0 for agent in agents), "\n".join(outputs)
@@ -166,7 +168,7 @@ def test_a_group_on_the_ring_or_a_cache_and_independent_jobs_side_by_side(datase
         assert sorted(i for b in p["batches"] for i in b["indices"]) == list(range(N))
 
 
-def test_a_rank_is_attached_once_and_shards_need_a_cache(dataset, tmp_path):
+def test_a_rank_is_attached_once_and_a_bad_shard_is_refused(dataset, tmp_path):
     spec = {"names": ["t"], "batch_size": 2, "epochs": 1, "out": str(tmp_path / "r")}
     with Server(dataset, "--cache", "memory") as server:
         first = by_hand(0, 2, {**spec, "sleep": 30})
@@ -177,9 +179,9 @@ def test_a_rank_is_attached_once_and_shards_need_a_cache(dataset, tmp_path):
         first.kill()
         first.communicate()
     assert "rank 0 of group 'ddp' is already attached" in output
-    with Server(dataset, "--cache", "off", "--shard", "0/2") as server:
+    with Server(dataset, "--shard", "2/2") as server:
         assert server.wait() == 2
-    assert "--shard needs a cache" in server.log()
+    assert "--shard 2/2: I must be from 0 to N-1" in server.log()
 
 
 def test_a_group_that_attaches_mid_epoch_on_the_ring_starts_together_at_an_epoch_s_start(dataset, tmp_path):

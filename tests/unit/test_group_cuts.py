@@ -74,3 +74,27 @@ def test_shard_is_i_of_n_or_taken_from_the_launcher():
     for bad, match in (("4/4", "from 0 to N-1"), ("x", "use I/N"), ("auto", "none of")):
         with pytest.raises(ConfigError, match=match):
             parse_shard(bad, env={})
+
+
+def test_a_shard_feed_serves_the_node_share_and_replaces_an_excluded_file_by_a_flagged_repeat():
+    from pathlib import Path
+
+    from dalishare.producer.dataset import Dataset
+    from dalishare.producer.feed import EpochFeed
+    from dalishare.wire.order import epoch_order
+
+    ds = Dataset(Path("."), ["a"], [Path(f"{i}.jpg") for i in range(10)], np.zeros(10, dtype=np.int64))
+    feeds = [EpochFeed(ds, 2, seed=3, shard=(node, 4)) for node in range(4)]
+    first = [feed.next_plan() for feed in feeds]
+    assert [p.indices.tolist() for p in first] == [share(epoch_order(10, 3, 0), n, 4)[0][:2].tolist() for n in range(4)]
+    rest = [feed.next_plan() for feed in feeds]
+    assert all(len(a.indices) + len(b.indices) == 3 and b.last for a, b in zip(first, rest))  # 10 -> 12: 3 per node
+    real = [i for plan in first + rest for i, pad in zip(plan.indices.tolist(), plan.padded.tolist()) if not pad]
+    assert sorted(real) == list(range(10))
+    feed = EpochFeed(ds, 2, seed=3, shard=(0, 4))
+    plan = feed.next_plan()
+    feed.exclude(int(plan.indices[1]), "broken")
+    feed.rewind(plan)  # the worker was lost with it
+    again = feed.next_plan()
+    assert again.indices.tolist() == [plan.indices[0]] * 2 and again.padded.tolist() == [False, True]
+    assert feed.epoch_size == 3  # the share keeps its size: the ranks' counts stay equal
