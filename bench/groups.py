@@ -1,10 +1,11 @@
 """Benchmark: a 4-rank consumer group on one producer, the same 4 ranks on two shard producers (two
-"nodes" on this machine), and 4 independent jobs on one producer.
+"nodes" on this machine), and 4 independent jobs on one producer; each with ``--cache memory`` and
+with ``--cache off`` (the ring).
 
     python bench/groups.py [--data DIR] [--copies 3] [--epochs 5] [--step-ms 20] [--out FILE]
 
 The dataset is the one of bench/hetero.py (the hymenoptera photos ``--copies`` times). Every
-producer serves the ResNet stage with ``--cache memory``; every rank or job reads ``--epochs`` epochs
+producer serves the ResNet stage; every rank or job reads ``--epochs`` epochs
 in batches of 64, sleeping ``--step-ms`` per batch as a training step would. Printed per setup:
 images/s in total (all ranks or jobs, from the first attach to the last batch, the fill included),
 the images each process read, and CPU seconds per 1,000 images read, counting every process
@@ -54,12 +55,13 @@ def reader(name: str, rank: int | None, world: int | None, epochs: int, step_s: 
                "samples": loader.samples_per_epoch if rank is None else None})
 
 
-def run(data: str, producers: list[tuple[str, list[str]]], readers: list[tuple], epochs: int,
+def run(data: str, cache: str, producers: list[tuple[str, list[str]]], readers: list[tuple], epochs: int,
         step_s: float) -> dict:
     """Start the producers (name, options), then the readers (name, rank, world); figures of the run."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    servers = [ProducerProcess(data, "--batch-size", str(BATCH), "--cache", "memory", *options, name=name,
-                               pipeline=STAGE) for name, options in producers]
+    servers = [ProducerProcess(data, "--batch-size", str(BATCH), "--cache", cache, *options, "--min-consumers",
+                               str(sum(r[0] == name for r in readers)), name=name, pipeline=STAGE)
+               for name, options in producers]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=reader, args=(*spec, epochs, step_s, q)) for spec in readers]
@@ -107,15 +109,18 @@ def main() -> None:
     samples = len(scan(data))
     step, pid = args.step_ms / 1000, os.getpid()
     one, n0, n1 = f"g1-{pid}", f"n0-{pid}", f"n1-{pid}"
-    setups = {
-        "4-rank group, one producer": run(data, [(one, [])], [(one, r, 4) for r in range(4)], args.epochs, step),
-        "4 ranks, two shard producers": run(data, [(n0, ["--shard", "0/2"]), (n1, ["--shard", "1/2"])],
-                                            [(n0, 0, 2), (n0, 1, 2), (n1, 0, 2), (n1, 1, 2)], args.epochs, step),
-        "4 independent jobs, one producer": run(data, [(one, [])], [(one, None, None)] * 4, args.epochs, step),
-    }
+    setups = {}
+    for cache in ("memory", "off"):
+        setups[f"4-rank group, one producer, --cache {cache}"] = run(
+            data, cache, [(one, [])], [(one, r, 4) for r in range(4)], args.epochs, step)
+        setups[f"4 ranks, two shard producers, --cache {cache}"] = run(
+            data, cache, [(n0, ["--shard", "0/2"]), (n1, ["--shard", "1/2"])],
+            [(n0, 0, 2), (n0, 1, 2), (n1, 0, 2), (n1, 1, 2)], args.epochs, step)
+        setups[f"4 independent jobs, one producer, --cache {cache}"] = run(
+            data, cache, [(one, [])], [(one, None, None)] * 4, args.epochs, step)
     lines = [f"dalishare groups benchmark: {os.cpu_count()} cores, {samples} images in {data}, batches of "
-             f"{BATCH}x224x224x3 uint8, --cache memory, {args.epochs} epochs per process, {args.step_ms:.0f} ms step",
-             f"{'setup':<36}{'img/s total':>12}{'images per process':>30}{'CPU s / 1000 img':>18}  exactly once"]
+             f"{BATCH}x224x224x3 uint8, {args.epochs} epochs per process, {args.step_ms:.0f} ms step",
+             f"{'setup':<50}{'img/s total':>12}{'images per process':>30}{'CPU s / 1000 img':>18}  exactly once"]
     for label, figures in setups.items():
         results = figures["results"]
         if "independent" in label:
@@ -123,7 +128,7 @@ def main() -> None:
         else:  # the 4 ranks together, per epoch, across both nodes for the shards
             exact = exactly_once_as_group(results, args.epochs, samples)
         per = " ".join(str(sum(len(p) for p in r["passes"])) for r in results)
-        lines.append(f"{label:<36}{figures['img_s']:>12.0f}{per:>30}{figures['cpu_per_1000']:>18.2f}  "
+        lines.append(f"{label:<50}{figures['img_s']:>12.0f}{per:>30}{figures['cpu_per_1000']:>18.2f}  "
                      f"{'yes' if exact else 'NO'}")
     print("\n".join(lines))
     if args.out:

@@ -244,10 +244,7 @@ class Session:
     def producer_serves(self, reconnect: bool) -> bool:
         """Take in the producer's messages; False once it stopped (the pass ends) or, with
         ``reconnect``, died or failed (`lost` says why); else those raise `ProducerLost`."""
-        self.receive_all()
-        if self.group_lost:
-            raise GroupBroken(f"job {self.job_id} (rank {self.member.rank} of group {self.member.name!r}) cannot go "
-                              f"on: {self.group_lost}; restart the whole DDP job")
+        self.receive_all()  # raises GroupBroken for a group that lost a rank
         if self.failure:
             if reconnect:
                 return False
@@ -304,7 +301,8 @@ class Session:
         self.channel.send(Heartbeat(self.job_id, self.taken))  # a gone producer is reported by the wait
 
     def receive_all(self) -> None:
-        """Take in every queued message."""
+        """Take in every queued message. Raises `GroupBroken` once the producer said a rank of this
+        job's group is gone (every read and wait passes here)."""
         dropped = self.channel.dropped
         for msg in self.channel.receive():
             if isinstance(msg, Batch):
@@ -325,6 +323,9 @@ class Session:
         if self.channel.dropped > dropped:
             log.warning("ignored %d malformed messages from producer %r: %s", self.channel.dropped - dropped,
                         self.name, self.channel.last_drop)
+        if self.group_lost:
+            raise GroupBroken(f"job {self.job_id} (rank {self.member.rank} of group {self.member.name!r}) cannot go "
+                              f"on: {self.group_lost}; restart the whole DDP job")
 
     def await_suspension(self, batch_timeout: float) -> None:
         """A slot changed under this job, so the producer suspended it: wait for that message."""

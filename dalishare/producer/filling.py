@@ -16,7 +16,8 @@ releases, and so nobody waits for anybody.
   disk turns the cache off there and serving goes on with the ring) and sends it to the worker
   (``MapCache``).
 - Fill. Producer: once ``--min-consumers`` jobs attached, tasks of up to ``--batch-size`` MISSING
-  rows in epoch 0's order (``--seed``), STAGE_TASKS_IN_FLIGHT at once: as fast as the stage goes,
+  rows in epoch 0's order (``--seed``; a sharded producer, ``--shard I/N``, puts its node's share of
+  it first, then the rest: each node caches everything), STAGE_TASKS_IN_FLIGHT at once: as fast as the stage goes,
   whoever reads. Worker: writes each sample into its row, answers ``Filled``. Producer: marks the
   rows VALID (after the worker's answer: the mark follows the bytes). A lost worker (NOTE [ Stage
   worker protocol ]): the probes' culprits are marked EXCLUDED, the other rows of the lost tasks go
@@ -27,7 +28,10 @@ releases, and so nobody waits for anybody.
   ``seed=``), without EXCLUDED samples; it waits (polling the marks every CACHE_POLL_S) for a
   MISSING one, and meanwhile checks the producer's messages and life: a fill that makes no progress
   for ``batch_timeout`` is `ProducerLost`. Each batch is gathered from the rows into a buffer the job
-  owns (one copy). At the end of a pass: ``EpochDone(epochs)``. Heartbeats and ``Bye`` as ever.
+  owns (one copy). A rank of a consumer group, or a job of a sharded producer, reads its share
+  (wire/order.share) of the order of all samples, so every rank and node cuts the same order; an
+  EXCLUDED sample there is read as a flagged repeat, so the counts stay equal. At the end of a pass:
+  ``EpochDone(epochs)``. Heartbeats and ``Bye`` as ever.
 - End. With ``--epochs N`` the producer stops once a job has read N epochs and every attached job
   has; a job's pass after its N-th ends at once. A memory or GPU cache is removed when the producer
   stops (a job's mapping of a memory cache stays readable until it unmaps it; GPU memory is freed

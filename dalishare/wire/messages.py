@@ -43,7 +43,11 @@ Cited from the loops that implement it: the producer's (producer/server.py) and 
 - Bye. Job: ``Bye(reason)`` when it closes. Producer: frees its holds. A job that dies sends
   nothing: the producer notices its pid is gone.
 - Groups. Job: a rank of a consumer group (a DDP job) says ``Hello(group, rank, world)``. Producer:
-  refuses a rank already attached or a world size that differs from the group's (``Reject``). When
+  refuses a rank already attached or a world size that differs from the group's (``Reject``). On
+  the ring it announces nothing to the group's ranks (FORMING, producer/jobs.py) until all are
+  attached, then starts them together at an epoch's first batch: the resident one, else the next
+  one filled. From a cache each reads its share at its own pace. Job: reads positions p of each
+  epoch with p % world == rank (DistributedSampler's cut: wire/order.share). When
   a rank dies or becomes unreachable (not when it says ``Bye``), it sends ``GroupLost(reason)`` to
   every other rank of the group and detaches them (the group cannot go on without it). Job: raises
   `GroupBroken` with the reason at its next batch (within PRODUCER_POLL_S while it reads or waits).

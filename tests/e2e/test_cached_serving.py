@@ -58,7 +58,8 @@ def check_epochs(res: dict, batch_size: int, n: int = N, excluded: frozenset = f
 
 
 def test_jobs_of_very_different_speeds_each_read_every_sample_once_at_their_own_pace(dataset, tmp_path):
-    with Server(dataset, "--batch-size", "8", "--cache", "memory", "--epochs", "2") as server:
+    with Server(dataset, "--batch-size", "8", "--cache", "memory", "--epochs", "2",
+                "--min-consumers", "2") as server:  # both attached before either reads: --epochs counts attached jobs
         slow = Job(tmp_path / "slow.json", batch_size=5, passes=3, sleep=0.25)
         fast = Job(tmp_path / "fast.json", batch_size=7, passes=3)
         fast_res, slow_res = fast.result(), slow.result()
@@ -85,7 +86,8 @@ def test_jobs_of_very_different_speeds_each_read_every_sample_once_at_their_own_
 
 
 def test_a_job_with_its_own_seed_gets_its_own_order_a_new_one_each_epoch(dataset, tmp_path):
-    with Server(dataset, "--batch-size", "8", "--cache", "memory", "--epochs", "2") as server:
+    with Server(dataset, "--batch-size", "8", "--cache", "memory", "--epochs", "2",
+                "--min-consumers", "2") as server:
         mine = Job(tmp_path / "mine.json", batch_size=6, passes=2, seed=7)
         shared = Job(tmp_path / "shared.json", batch_size=6, passes=2)
         mine_res, shared_res = mine.result(), shared.result()
@@ -289,7 +291,8 @@ def test_a_full_disk_turns_the_cache_off_and_serving_goes_on(dataset, tmp_path):
 
 
 def test_the_service_ends_once_every_job_read_its_epochs(dataset, tmp_path):
-    with Server(dataset, "--batch-size", "8", "--cache", "memory", "--epochs", "1") as server:
+    with Server(dataset, "--batch-size", "8", "--cache", "memory", "--epochs", "1",
+                "--min-consumers", "2") as server:
         fast = Job(tmp_path / "fast.json", batch_size=8, passes=2)
         slow = Job(tmp_path / "slow.json", batch_size=8, passes=1, sleep=0.5)
         fast_res = fast.result()

@@ -89,7 +89,8 @@ def test_a_ddp_job_across_two_shard_producers_reads_every_sample_once_per_epoch(
 
 def test_drop_last_drops_the_tail_and_an_independent_job_shares_the_producer(dataset, tmp_path):
     out = tmp_path / "ranks"
-    with Server(dataset, "--batch-size", "8", "--cache", "memory", "--epochs", "2") as server:
+    with Server(dataset, "--batch-size", "8", "--cache", "memory", "--epochs", "2",
+                "--min-consumers", "5") as server:
         solo = Job(tmp_path / "solo.json", batch_size=7, passes=2)
         ranks = [by_hand(rank, 4, {"names": ["t"], "batch_size": 2, "epochs": 2, "drop_last": True, "out": str(out)})
                  for rank in range(4)]
@@ -109,9 +110,10 @@ def test_drop_last_drops_the_tail_and_an_independent_job_shares_the_producer(dat
         assert sorted(i for b in p["batches"] for i in b["indices"]) == list(range(N))
 
 
-def test_a_killed_rank_fails_its_group_fast_while_an_independent_job_goes_on(dataset, tmp_path):
+@pytest.mark.parametrize("cache", ["memory", "off"])
+def test_a_killed_rank_fails_its_group_fast_while_an_independent_job_goes_on(dataset, tmp_path, cache):
     out = tmp_path / "ranks"
-    with Server(dataset, "--batch-size", "8", "--cache", "memory") as server:
+    with Server(dataset, "--batch-size", "8", "--cache", cache, "--min-consumers", "5") as server:
         solo = Job(tmp_path / "solo.json", batch_size=5, passes=2, sleep=0.2)
         spec = {"names": ["t"], "batch_size": 1, "epochs": 3, "sleep": 0.3, "die": [3, 2], "out": str(out)}
         ranks = [by_hand(rank, 4, spec) for rank in range(4)]
