@@ -53,18 +53,37 @@ def _from_launcher(env) -> tuple[int, int]:
                       "torch.distributed first, or pass rank= and world_size=")
 
 
-def check_consistent(fingerprint: dict, shard: tuple[int, int], member: Membership, seed: int | None) -> None:
-    """With torch.distributed initialized, compare what every rank's producer serves (all ranks call
-    this together, at attach): raise `ConfigError` naming the first difference, so no rank ever
-    trains on other data than its peers. Without torch.distributed there is nothing to compare with."""
+def _distributed():
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def attach_failed(error: BaseException) -> None:
+    """This rank could not attach: take part in the peers' `check_consistent` with the error, so
+    they fail at once too instead of waiting in the collective."""
+    dist = _distributed()
+    if dist is not None:
+        dist.all_gather_object([None] * dist.get_world_size(), {"error": f"{type(error).__name__}: {error}"})
+
+
+def check_consistent(fingerprint: dict, shard: tuple[int, int], member: Membership, seed: int | None,
+                     per_rank: int) -> None:
+    """With torch.distributed initialized, compare what every rank's producer serves (all ranks call
+    this together, at attach): raise `ConfigError` naming the first difference, so no rank ever
+    trains on other data than its peers, nor a different number of batches. Without
+    torch.distributed there is nothing to compare with."""
+    dist = _distributed()
+    if dist is None:
         return
     mine = {**fingerprint, "group": member.name, "group size": member.world, "drop_last": member.drop_last,
-            "seed= of the job": seed, "shard": list(shard)}
+            "seed= of the job": seed, "samples per rank": per_rank, "shard": list(shard)}
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
+    failed = [(rank, r["error"]) for rank, r in enumerate(everyone) if "error" in r]
+    if failed:
+        raise ConfigError(f"rank {failed[0][0]} of this DDP job could not attach ({failed[0][1]}), so no rank can "
+                          f"go on")
     for other, theirs in enumerate(everyone):
         key = next((k for k in sorted(mine) if k != "shard" and theirs.get(k) != mine[k]), None)
         if key is not None:
@@ -78,3 +97,18 @@ def check_consistent(fingerprint: dict, shard: tuple[int, int], member: Membersh
         raise ConfigError(f"this DDP job's {len(everyone)} ranks read from producers serving shards {indices} of "
                           f"{shard[1]}, in groups of {member.world}: every shard needs one group on its node, and "
                           f"the world size must be shards x group size")
+
+
+def check_same_epoch(epoch: int) -> None:
+    """On the ring, each node's producer serves its own stream: the ranks of a job spanning sharded
+    producers must start at the same epoch, or they would combine shares of different epochs (a
+    collective, in every rank's first pass)."""
+    dist = _distributed()
+    if dist is None:
+        return
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, epoch)
+    if len(set(everyone)) > 1:
+        raise ConfigError(f"the ranks of this DDP job start at epochs {everyone} of their nodes' producers, which "
+                          f"stream through their rings: start the job on freshly started producers (or serve with a "
+                          f"cache, where every job counts its own epochs)")

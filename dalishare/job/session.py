@@ -95,7 +95,7 @@ class Session:
             self.close(timeout=0)
             raise
 
-    def close(self, timeout: float) -> None:
+    def close(self, timeout: float, failure: str = "") -> None:
         """Give back what is held (after its GPU reads, up to ``timeout`` s), say goodbye, stop the
         heartbeat, close the channel, unmap the ring. Views the job still holds may change after."""
         if self.releases is not None:
@@ -112,7 +112,7 @@ class Session:
             self.heartbeat = None
         if self.channel is not None:
             if self.job_id is not None:
-                self.channel.send(Bye(self.job_id, "closed"))
+                self.channel.send(Bye(self.job_id, f"failed: {failure}" if failure else "closed", bool(failure)))
             self.channel.close()
             self.channel = None
         if self.ring is not None:
@@ -213,7 +213,8 @@ class Session:
         `ProducerLost` (or, with ``reconnect``, sets `lost` and returns)."""
         if not self.pending and self.stop_reason is None and not self.failure:
             self._announce_waiting()
-        deadline = time.monotonic() + batch_timeout
+        # a group's rank before its first batch waits for its peers and an epoch's start: as long as it takes
+        deadline = time.monotonic() + (float("inf") if self.member is not None and self.taken < 0 else batch_timeout)
         while not self.pending and self.stop_reason is None and not self.failure:
             self.releases.poll()  # the producer may be waiting for a slot our GPU just finished with
             if self.channel.wait(self._poll_ms()):

@@ -79,10 +79,13 @@ def reusable_layout(path: Path, listing: bytes, stage_file: Path, decoder: str) 
     return layout
 
 
-def fingerprint(listing: bytes, stage_file: Path, options, samples: int, sample_shape: list, dtype: str) -> dict:
+def fingerprint(identity: bytes, stage_file: Path, options, samples: int, sample_shape: list, dtype: str,
+                source: str) -> dict:
     """What the ranks of one DDP job compare across nodes (through torch.distributed) before they read:
-    producers that disagree on any of it would serve them different data."""
-    return {"dataset": listing.hex()[:16], "samples": samples,
+    producers that disagree on any of it would serve them different data. ``identity``: the dataset's
+    files (paths inside it and sizes: shm.cache.listing_digests); ``source``: "ring" or "cache" (they
+    cut a shard's tail differently)."""
+    return {"dataset": identity.hex()[:16], "samples": samples, "source": source,
             "stage": hashlib.sha256(Path(stage_file).read_bytes()).hexdigest()[:16],
             "output": f"{list(sample_shape)} {dtype}", "seed": options.seed, "shards": options.shard_of[1]}
 

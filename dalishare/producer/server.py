@@ -50,7 +50,7 @@ from ..errors import ConfigError
 from ..intervals import DEVICE_FREE_GRACE_S, IDLE_POLL_MS, REAP_INTERVAL_S, STARTING_REPEAT_S
 from ..shm import RingKind, create_ring
 from ..shm import names
-from ..shm.cache import CacheLayout, Mark, cache_key, listing_digest
+from ..shm.cache import CacheLayout, Mark, cache_key, listing_digests
 from ..wire.channel import ProducerChannel
 from ..wire.messages import (PROTOCOL_VERSION, Batch, Bye, EpochDone, GroupLost, Heartbeat, Hello, Reject, Release,
                              Resume, Starting, Stop, Suspended, Welcome)
@@ -231,11 +231,11 @@ class Producer:
 
     # -- the stage: NOTE [ Stage worker protocol ] in wire/stage.py -------------------------------
 
-    def _start_stage(self, scanned: tuple[Dataset, bytes]) -> None:
+    def _start_stage(self, scanned: tuple[Dataset, bytes, bytes]) -> None:
         """The dataset is listed: serve a DIR cache of the same key at once, or start the stage
         worker to measure the first batch."""
         opts = self.options
-        self._dataset, self._listing = scanned
+        self._dataset, self._listing, self._identity = scanned  # the listing with and without mtimes
         self._feed = EpochFeed(self._dataset, opts.batch_size, opts.seed, opts.shard_of)
         mode, folder = parse_cache(opts.cache)
         if mode is CacheMode.DISK:
@@ -282,6 +282,8 @@ class Producer:
         if self._jobs.formed() and not self._jobs.active() and not careful and \
                 not any(p.start == 0 for p in self._supervisor.plans()):  # a group waits for an epoch's start
             self._feed.skip_rest_of_epoch()
+            if self._final_epoch_fed():  # that was the last epoch: nothing more to start the group with
+                return
         plan = self._feed.next_plan(limit=1 if careful else None)
         k = -1  # measuring: the worker writes nothing
         if self.phase is Phase.SERVING:
@@ -444,8 +446,8 @@ class Producer:
 
     def _enter_serving(self, where: str) -> None:
         opts = self.options
-        self._fingerprint = fingerprint(self._listing, self.pipeline_file, opts, len(self._dataset),
-                                        self._sample_shape, self._dtype.name)
+        self._fingerprint = fingerprint(self._identity, self.pipeline_file, opts, len(self._dataset),
+                                        self._sample_shape, self._dtype.name, "cache" if self._cache else "ring")
         self.phase = Phase.SERVING
         log.info("serving %r: %d samples in %d classes, batches of %d %s %s, %s, at %s", opts.name,
                  len(self._dataset), len(self._dataset.classes), opts.batch_size, self._sample_shape, self._dtype,
@@ -464,6 +466,8 @@ class Producer:
 
     def _announce(self, job: Job, k: int) -> None:
         """Send the job slot ``k``'s batch; from then on it holds the slot until it releases it."""
+        if self._jobs.get(job.id) is None:  # detached meanwhile (its group lost a rank): nobody would release it
+            return
         if self._send(job, dataclasses.replace(self._slots.slots[k].batch, sent_ns=time.monotonic_ns())):
             self._slots.hold(k, job.id, time.monotonic())
 
@@ -496,7 +500,7 @@ class Producer:
             if self.options.epochs is not None and job.epochs_read >= self.options.epochs:
                 self._read_all_epochs = True
         elif isinstance(msg, Bye):
-            self._detach(job, f"left: {msg.reason}")
+            self._detach(job, f"left: {msg.reason}", lost=msg.failed)
         else:
             self._channel.drop(f"unexpected {type(msg).__name__} from job {job.id}")
 
@@ -659,21 +663,21 @@ class _Scan:
     Daemonic: a producer stopped during the scan does not wait for it."""
 
     def __init__(self, data: Path):
-        self._result: tuple[Dataset, bytes] | BaseException | None = None
+        self._result: tuple[Dataset, bytes, bytes] | BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(data,), name="dalishare-scan", daemon=True)
         self._thread.start()
 
     def _run(self, data: Path) -> None:
         try:  # the listing digest (a stat per file) keys a cache and tells ranks' datasets apart
             dataset = scan(data)
-            self._result = (dataset, listing_digest(dataset.root, dataset.files))
+            self._result = (dataset, *listing_digests(dataset.root, dataset.files))
         except BaseException as exc:  # handed to the loop, which raises it
             self._result = exc
 
     def done(self) -> bool:
         return not self._thread.is_alive()
 
-    def result(self) -> tuple[Dataset, bytes]:
+    def result(self) -> tuple[Dataset, bytes, bytes]:
         if isinstance(self._result, BaseException):
             raise self._result
         return self._result

@@ -105,11 +105,19 @@ class CacheLayout:
 def listing_digest(root: Path, files: list[Path]) -> bytes:
     """The part of the key that stats every file (the slow part for a big dataset): each file's path
     inside ``root`` (however ``--data`` was spelled), size and modification time."""
-    digest = hashlib.sha256()
+    return listing_digests(root, files)[0]
+
+
+def listing_digests(root: Path, files: list[Path]) -> tuple[bytes, bytes]:
+    """`listing_digest`, and the same without modification times (what nodes holding their own
+    copies of a dataset compare: a copy has other times), in one pass over the files."""
+    with_times, without = hashlib.sha256(), hashlib.sha256()
     for path in files:
         st = os.stat(path)
-        digest.update(f"{Path(path).relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.digest()
+        entry = f"{Path(path).relative_to(root)}\0{st.st_size}"
+        with_times.update(f"{entry}\0{st.st_mtime_ns}\n".encode())
+        without.update(f"{entry}\n".encode())
+    return with_times.digest(), without.digest()
 
 
 def cache_key(listing: bytes, stage_file: Path, sample_shape: list, dtype: str, dali_version: str,

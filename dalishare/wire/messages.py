@@ -40,15 +40,15 @@ Cited from the loops that implement it: the producer's (producer/server.py) and 
   served: the pass ends), STOPPED (a signal: the pass ends, or with ``reconnect=True`` the job waits
   for the next producer), FAILED (an exception: `ProducerLost` with its error, or reconnect).
   A producer that dies sends nothing: jobs notice its pid is gone within their poll interval.
-- Bye. Job: ``Bye(reason)`` when it closes. Producer: frees its holds. A job that dies sends
-  nothing: the producer notices its pid is gone.
+- Bye. Job: ``Bye(reason, failed)`` when it closes (``failed``: it leaves because of an error).
+  Producer: frees its holds. A job that dies sends nothing: the producer notices its pid is gone.
 - Groups. Job: a rank of a consumer group (a DDP job) says ``Hello(group, rank, world)``. Producer:
   refuses a rank already attached or a world size that differs from the group's (``Reject``). On
   the ring it announces nothing to the group's ranks (FORMING, producer/jobs.py) until all are
   attached, then starts them together at an epoch's first batch: the resident one, else the next
   one filled. From a cache each reads its share at its own pace. Job: reads positions p of each
   epoch with p % world == rank (DistributedSampler's cut: wire/order.share). When
-  a rank dies or becomes unreachable (not when it says ``Bye``), it sends ``GroupLost(reason)`` to
+  a rank dies, becomes unreachable or leaves with ``Bye(failed=True)``, it sends ``GroupLost(reason)`` to
   every other rank of the group and detaches them (the group cannot go on without it). Job: raises
   `GroupBroken` with the reason at its next batch (within PRODUCER_POLL_S while it reads or waits).
 """
@@ -164,6 +164,7 @@ class GroupLost:
 class Bye:
     job_id: int
     reason: str
+    failed: bool = False  # the job leaves because of an error: a group it is a rank of cannot go on
 
 
 @dataclass(frozen=True)

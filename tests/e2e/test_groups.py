@@ -198,11 +198,25 @@ def test_a_group_that_attaches_mid_epoch_on_the_ring_starts_together_at_an_epoch
         second = by_hand(1, 2, spec)
         outputs = finish([first, second])
         assert first.returncode == 0 and second.returncode == 0, "\n".join(outputs)
-        solo.result()
+        solo_res = solo.result()
         log = server.log()
+    for p in solo_res["passes"][1:]:  # the independent job loses nothing to the group (its first pass began mid-epoch)
+        assert sorted(i for b in p["batches"] for i in b["indices"]) == list(range(N))
     assert "group 'ddp': its 2 ranks start together at epoch" in log, log
     got = records(out, 2)
     for epoch in (0, 1):
         parts = [r["epochs"][epoch] for r in got]
         assert parts[0]["epoch"] == parts[1]["epoch"] and all(len(p["indices"]) == 15 for p in parts)
         assert sorted(i for p in parts for i in p["indices"]) == list(range(N)), "not a whole epoch"
+
+
+def test_a_rank_that_leaves_with_an_error_fails_its_group(dataset, tmp_path):
+    out = tmp_path / "ranks"
+    with Server(dataset, "--batch-size", "8", "--cache", "memory", "--min-consumers", "3"):
+        spec = {"names": ["t"], "batch_size": 1, "epochs": 3, "sleep": 0.2, "fail": [2, 2], "out": str(out)}
+        ranks = [by_hand(rank, 3, spec) for rank in range(3)]
+        outputs = finish(ranks, timeout=60)
+    assert ranks[2].returncode != 0 and "failed on purpose" in outputs[2]
+    for record in records(out, 2):
+        assert "GroupBroken" in record["error"] and "left: failed: RuntimeError: this rank failed on purpose" in \
+            record["error"]

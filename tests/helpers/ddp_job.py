@@ -5,7 +5,8 @@ group "ddp". Writes ``OUT.RANK.json``: per epoch the indices, padded flags and b
 Spec (JSON in argv[1]): ``names`` (the producer's name per node; the node is GROUP_RANK),
 ``batch_size``, ``epochs``, ``drop_last``; ``train`` (torch.distributed with gloo and a tiny model
 wrapped in DDP, gradients all-reduced each step; else no collectives at all), ``sleep`` per batch,
-``die`` = [rank, batches]: that rank SIGKILLs itself after that many batches.
+``die`` = [rank, batches]: that rank SIGKILLs itself after that many batches; ``fail`` = [rank,
+batches]: that rank raises instead (and leaves the ``with`` block with the error).
 """
 
 import json
@@ -39,6 +40,8 @@ try:
             for batch in loader:
                 if spec.get("die") == [rank, done]:
                     os.kill(os.getpid(), signal.SIGKILL)
+                if spec.get("fail") == [rank, done]:
+                    raise RuntimeError("this rank failed on purpose")
                 if spec.get("train"):
                     features = batch["images"].float().mean(dim=(1, 2)) / 255  # (B, 3)
                     loss = model(features).pow(2).mean()
