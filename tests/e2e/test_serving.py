@@ -197,7 +197,8 @@ def test_a_job_that_dies_or_leaves_releases_its_slots_and_the_others_go_on(datas
         victim.proc.communicate(timeout=10)
     # who left and why: a closed job says goodbye, a dead one is found by its pid, and either may
     # first be found unreachable when the producer sends to its closed socket
-    why = "left: closed|unreachable" if how in ("raise", "close") else "died|unreachable"
+    why = {"raise": "left: failed: RuntimeError: the job failed on purpose|unreachable",
+           "close": "left: closed|unreachable"}.get(how, "died|unreachable")
     assert re.search(rf"job \d+ \(pid {victim.proc.pid}\) ({why})", server.log()), server.log()
     stamps = [b["at"] for p in res["passes"] for b in p["batches"]]
     assert max(b - a for a, b in zip(stamps, stamps[1:])) < 1.0, "the survivor waited a second or more"
