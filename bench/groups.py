@@ -16,9 +16,7 @@ sample once, and each independent job's epochs that it got every sample once. No
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import queue
 import resource
 import tempfile
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 from hetero import build_dataset  # the same photos as the heterogeneous-jobs benchmark
 
 from dalishare.producer.dataset import scan
-from dalishare.testing import ProducerProcess
+from dalishare.testing import ProducerProcess, run_each
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "pipelines" / "resnet.py"
@@ -62,22 +60,9 @@ def run(data: str, cache: str, producers: list[tuple[str, list[str]]], readers: 
     servers = [ProducerProcess(data, "--batch-size", str(BATCH), "--cache", cache, *options, "--min-consumers",
                                str(sum(r[0] == name for r in readers)), name=name, pipeline=STAGE)
                for name, options in producers]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=reader, args=(*spec, epochs, step_s, q)) for spec in readers]
-    for p in procs:
-        p.start()
-    results, deadline = [], time.monotonic() + 1200
     try:
-        while len(results) < len(procs):
-            try:
-                results.append(q.get(timeout=1))
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                    raise RuntimeError("a reader failed or hung") from None
+        results = run_each(reader, [(*spec, epochs, step_s) for spec in readers], timeout=1200)
     finally:
-        for p in procs:
-            p.join(timeout=60)
         for server in servers:
             server.stop()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dalishare.testing import ProducerProcess, make_image_folder
+from dalishare.testing import ProducerProcess, make_image_folder, run_each
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "pipelines" / "resnet.py"
@@ -83,27 +83,7 @@ def on_producer(data: str, cache: str, jobs: list[tuple[float, int]], extra: tup
 def _run_mixed(name: str, jobs: list[tuple[float, int]]) -> list[dict]:
     """Start one paced_job per (step_s, epochs) at once (testing.run_jobs starts identical ones);
     results sorted back into that order (the steps must differ)."""
-    import multiprocessing as mp
-    import queue
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=paced_job, args=(name, step_s, epochs, q)) for step_s, epochs in jobs]
-    for p in procs:
-        p.start()
-    results, deadline = [], time.monotonic() + 900
-    try:
-        while len(results) < len(procs):
-            try:
-                results.append(q.get(timeout=1))
-            except queue.Empty:
-                if any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                    raise RuntimeError("a benchmark job failed or hung") from None
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    results = run_each(paced_job, [(name, step_s, epochs) for step_s, epochs in jobs], timeout=900)
     order = [step for step, _ in jobs]
     return sorted(results, key=lambda r: order.index(r["step_s"]))
 

@@ -71,3 +71,7 @@ HEARTBEAT_JOIN_S = 5
 CACHE_POLL_S = 0.002
 """How often a job reading a cache looks at the mark of a sample it waits for (the fill is under way):
 a job's wait at most this much longer than the fill."""
+
+DEAD_JOB_DRAIN_MS = 50
+"""When the producer finds a job's process gone, it first takes in the messages still on their way
+for this long: a job that sent ``EpochDone`` and ``Bye`` and exited at once left, it did not die."""

@@ -119,14 +119,20 @@ def join_or_kill(procs, timeout: float = 30.0) -> None:
 def run_jobs(target, args: tuple, n: int, timeout: float = 600) -> list[dict]:
     """Run ``n`` processes of ``target(*args, queue)`` (spawned) and collect the one result each puts
     on the queue; a crashed job fails the run at once, a hung one after ``timeout`` seconds."""
+    return run_each(target, [args] * n, timeout)
+
+
+def run_each(target, each_args: list[tuple], timeout: float = 600) -> list[dict]:
+    """`run_jobs` with arguments of their own per process: ``target(*args, queue)`` for each; the
+    results in the order they came."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args, q)) for _ in range(n)]
+    procs = [ctx.Process(target=target, args=(*args, q)) for args in each_args]
     for p in procs:
         p.start()
     results, deadline = [], time.monotonic() + timeout
     try:
-        while len(results) < n:
+        while len(results) < len(procs):
             try:
                 results.append(q.get(timeout=1))
             except queue.Empty:

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..intervals import DEVICE_FREE_GRACE_S, IDLE_POLL_MS, REAP_INTERVAL_S, STARTING_REPEAT_S
+from ..intervals import DEAD_JOB_DRAIN_MS, DEVICE_FREE_GRACE_S, IDLE_POLL_MS, REAP_INTERVAL_S, STARTING_REPEAT_S
 from ..shm import RingKind, create_ring
 from ..shm import names
 from ..shm.cache import CacheLayout, Mark, cache_key, listing_digests
@@ -616,6 +616,10 @@ class Producer:
                 del self._waiting[identity]
 
     def _detach_dead(self) -> None:
+        if not self._jobs.dead():
+            return
+        # what a job sent just before it exited (its last EpochDone, its Bye) counts: take it in first
+        self._handle_messages(timeout_ms=DEAD_JOB_DRAIN_MS, wake_for_stage=False)
         for job in self._jobs.dead():
             self._detach(job, "died (its process is gone)", lost=True)
 
