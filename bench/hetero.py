@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dalishare.producer.dataset import scan
 from dalishare.testing import ProducerProcess, make_image_folder, run_each
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="dalishare-hetero-")
     data = args.data or str(build_dataset(Path(tmp.name), args.copies))
-    samples = sum(1 for p in Path(data).rglob("*") if p.is_file())
+    samples = len(scan(data))  # the images served (the folder also holds 3 non-image files)
     lines: list[str] = []
     say = lambda line: (print(line, flush=True), lines.append(line))  # noqa: E731
     say(f"dalishare heterogeneous-jobs benchmark: {os.cpu_count()} cores, {samples} images in {data}, "
