@@ -27,11 +27,14 @@ def _serve(args: argparse.Namespace) -> None:
         stage_timeout=args.stage_timeout, cache=args.cache, shard=args.shard,
         cache_limit=parse_size(args.cache_limit) if args.cache_limit is not None else None))
 
+    # a stop or teardown that hangs (a native library's threads, say) prints where it hangs and ends
+    watchdog = lambda: faulthandler.dump_traceback_later(SHUTDOWN_LIMIT_S, exit=True)  # noqa: E731
+
     def on_signal(signum, _frame):
         producer.stop(f"stopped by {signal.Signals(signum).name}")
-        # a teardown that hangs (a native library's threads, say) prints where it hangs and ends
-        faulthandler.dump_traceback_later(SHUTDOWN_LIMIT_S, exit=True)
+        watchdog()
 
+    producer.on_teardown = watchdog
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     producer.serve()

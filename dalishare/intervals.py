@@ -18,8 +18,12 @@ DEVICE_FREE_GRACE_S = 2.0
 frees the memory (NOTE [ Producer shutdown ])."""
 
 SHUTDOWN_LIMIT_S = 20
-"""After SIGINT/SIGTERM, the longest a producer's teardown may take before it prints where it hangs
-and exits."""
+"""Once its serve loop ends (done, failed, or SIGINT/SIGTERM), the longest a producer's teardown may
+take before it prints where it hangs and exits."""
+
+CONTEXT_TERM_GRACE_S = 2.0
+"""How much longer than its socket's linger a stopping producer waits for its ZeroMQ context to
+terminate before it goes on without it."""
 
 STARTING_REPEAT_S = 2.0
 """How often a starting producer tells the jobs that wait for it that it is still starting (each

@@ -80,15 +80,20 @@ class ProducerProcess:
         self._log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dalishare", "serve", str(pipeline), "--data", str(data), "--name", name, *options],
-            stdout=self._log, stderr=subprocess.STDOUT, text=True)
+            stdout=self._log, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"})  # a hung producer's stacks go to its log (see wait)
 
     def wait(self, timeout: float = 60) -> int | None:
         """The exit code, or None if it had to be killed after ``timeout`` seconds."""
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to the log
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
             return None
 
     def stop(self, timeout: float = 30) -> int | None:

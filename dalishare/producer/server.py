@@ -42,6 +42,7 @@ import logging
 import os
 import threading
 import time
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,7 @@ class Producer:
         self.options.check()
         self.pipeline_file, self.data = Path(pipeline_file), Path(data)
         self.stop_reason: str | None = None  # set once, by stop(): the loop ends when it is
+        self.on_teardown: Callable[[], None] = lambda: None  # called once the loop ends, before the teardown
         self.failure: str | None = None  # set when serve() ends with an exception
         self.batches_served = 0  # announced batches (the ring) or filled tasks (the cache)
         self.samples_decoded = 0  # by the stage worker, into the ring or the cache (the measured batch not counted)
@@ -143,6 +145,8 @@ class Producer:
             except BaseException as exc:
                 self.failure = f"{type(exc).__name__}: {exc}"
                 raise
+            finally:  # the teardown below is bounded: one that hangs prints where, and the process ends
+                self.on_teardown()
 
     def _close_channel(self) -> None:
         try:

@@ -10,10 +10,12 @@ sequence is NOTE [ Control protocol ] in messages.py.
 from __future__ import annotations
 
 import logging
+import threading
 
 import zmq
 
 from ..errors import ProtocolError
+from ..intervals import CONTEXT_TERM_GRACE_S
 from .messages import MAX_MESSAGE_BYTES, decode, encode
 
 log = logging.getLogger(__name__)
@@ -79,10 +81,17 @@ class ProducerChannel:
         log.debug("dropped a control message: %s", why)
 
     def close(self, linger_ms: int = 500) -> None:
-        """Close the socket (queued messages get ``linger_ms`` to go out), then the context."""
+        """Close the socket (queued messages get ``linger_ms`` to go out), then the context, waiting
+        for that at most CONTEXT_TERM_GRACE_S longer: libzmq's term has rare known hangs
+        (zeromq/libzmq#2586), and a stopping producer must not hang with it."""
         if getattr(self, "_sock", None) is not None:
             self._sock.close(linger=linger_ms)
-        self._ctx.term()
+        term = threading.Thread(target=self._ctx.term, name="dalishare-zmq-term", daemon=True)
+        term.start()
+        term.join(linger_ms / 1000 + CONTEXT_TERM_GRACE_S)
+        if term.is_alive():
+            log.warning("the ZeroMQ context did not terminate within %.1f s; exiting without it",
+                        linger_ms / 1000 + CONTEXT_TERM_GRACE_S)
 
 
 class JobChannel:
