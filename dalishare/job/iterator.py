@@ -26,6 +26,7 @@ from .cached import take
 from .group import attach_failed, check_consistent, check_same_epoch, membership
 from .keep import KeepWindow
 from .rebatch import Piece
+from .resume import Progress, check_state, make_state
 from ..intervals import PRODUCER_POLL_S
 from .session import Counters, Session
 from .views import leased_view, piece_padded, piece_tensors
@@ -83,13 +84,22 @@ class DaliShareIterator:
             producers through torch.distributed); not with ``reconnect``.
         drop_last: with ``group`` (or a sharded producer), drop the tail that does not divide evenly
             instead of padding it with repeats.
+        taken_ahead: batches the training loop takes ahead of the step it runs (Lightning behind a
+            wrapper without ``len()``: 1):
+            ``state_dict()`` leaves them unread, so a resumed job reads them again instead of losing them.
+
+    ``state_dict()`` and ``load_state_dict(state)`` (torchdata's Stateful convention; Lightning saves
+    them in its checkpoints) resume a restarted job: from a cache at exactly the next sample it had not
+    been given; on the ring, in the same producer epoch, without any sample it had already been given
+    (those served while it was away are missed for that epoch). See job/resume.py.
     """
 
     def __init__(self, name: str = "default", batch_size: int | None = None, device=None,
                  augment: Callable | None = None, *, copy: bool = False, keep: int = 2, attach_timeout: float = 60.0,
                  batch_timeout: float = 600.0, heartbeat_interval: float = 1.0, reconnect: bool = False,
                  reconnect_timeout: float = 600.0, seed: int | None = None, group: str | None = None,
-                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False):
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+                 taken_ahead: int = 0):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         KeepWindow(keep)  # checks keep before anything is opened
@@ -106,6 +116,8 @@ class DaliShareIterator:
         self.drop_last = drop_last
         self._last_sample = None  # a group rank on the ring: its last sample (images, label, index), to repeat
         self._passes_read = 0  # with a cache: passes this job finished or left (its epochs)
+        self._progress = Progress(taken_ahead)  # where state_dict() says the job is
+        self._resume_at: tuple[int, int] | None = None  # (epoch, position) from load_state_dict, until used
         self._requested_batch_size, self._heartbeat_interval = batch_size, heartbeat_interval
         self._endpoint = names.endpoint(name)
         self._counters = Counters()  # survive reconnects
@@ -212,11 +224,36 @@ class DaliShareIterator:
         session.rebatcher.begin_epoch()
         self._share_read = 0  # a group rank: samples of its share read in this pass ...
         self._share_target = self.samples_per_epoch  # ... of this many (fixed for the pass: the ranks agree on it)
+        resumed = self._resume_at is not None and self._resume_at[0] == head.epoch
+        self._progress.begin(head.epoch, max(head.start, self._resume_at[1]) if resumed else head.start)
         while (batch := self._next_batch()) is not None:
             if self.augment is not None:
                 batch = self.augment(batch)
+            self._progress.handed_out(head.epoch, self._ring_position())
             yield batch
             del batch  # this frame must not be what keeps a view alive (keep.py)
+        last = session.rebatcher.last
+        if last is not None and last.last and last.epoch == head.epoch and session.rebatcher.current is None:
+            self._progress.epoch_read(head.epoch)
+
+    def state_dict(self) -> dict:
+        """Where this job is: its epoch and the samples of it behind it (minus ``taken_ahead`` batches).
+        A plain dict for ``torch.save`` or a checkpoint."""
+        session = self._session
+        return make_state(self._progress, self._source, session.fingerprint, self.seed, self._passes_read)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go on from ``state`` (from `state_dict`, in an earlier run of this job): call it before
+        iterating. `ConfigError` if it was saved from another dataset, stage, seed or shard count."""
+        epoch, position = check_state(state, self._source, self._session.fingerprint, self.seed)
+        if self._source == "ring" and self.member is not None:
+            position = 0  # a group on the ring starts together at an epoch's start, whatever was read
+        self._resume_at = (epoch, position)
+        self._progress.begin(epoch, position)
+        if self._source == "cache":
+            self._passes_read = epoch
+
+    _source = property(lambda self: "cache" if self._session.cache is not None else "ring")
 
     def close(self, failure: str = "") -> None:
         """Detach from the producer, stop the heartbeat, unmap the ring. Safe to call twice.
@@ -236,6 +273,8 @@ class DaliShareIterator:
         """One epoch of this job's own from the cache, batch by batch; it counts (``EpochDone``)
         when it ends or is left."""
         session = self._session
+        if self._resume_at is not None and self._resume_at[1] >= self._pass_length(session):
+            self._passes_read, self._resume_at = self._resume_at[0] + 1, None  # saved after its last batch
         limit = session.producer_epochs
         if limit and self._passes_read >= limit:
             session.stop_reason = session.stop_reason or f"finished {limit} epochs"
@@ -244,32 +283,58 @@ class DaliShareIterator:
             if self.reconnect and session.lost:
                 self._reconnect()
             return
-        cache = session.cache
         self.epoch = self._passes_read
         self._count_excluded()
         if self._splits(session):
-            batches = self._shared_batches(*self._my_share(session, self.epoch))
+            indices, padded = self._my_share(session, self.epoch)
+            start = self._resume_position(len(indices))
+            reader = self._shared_batches(indices, padded, start)
         else:
-            order = epoch_order(cache.layout.samples, self._order_seed(session), self.epoch)
-            batches = ((indices, None) for indices in self._cached_batches(order))
+            order = epoch_order(session.cache.layout.samples, self._order_seed(session), self.epoch)
+            start = self._resume_position(len(order))
+            reader = self._cached_batches(order, start)
+        self._progress.begin(self.epoch, start)
         try:
-            for indices, padded in batches:
-                labels = torch.from_numpy(cache.labels[indices].astype(np.int64))
-                if self._target.type != "cpu":
-                    labels = labels.pin_memory().to(self._target, non_blocking=True)
-                batch = {"images": cache.gather(indices, session.sample_shape, session.dtype, self._target),
-                         "labels": labels, "indices": torch.from_numpy(indices)}
-                if padded is not None:
-                    batch["padded"] = torch.from_numpy(padded)
-                if self.augment is not None:
-                    batch = self.augment(batch)
-                yield batch
-                del batch
+            if (yield from self._hand_out(reader)):
+                self._progress.epoch_read(self.epoch)
         finally:
             self._passes_read += 1
             session.epoch_done(self._passes_read)
         if self.reconnect and session.lost:
             self._reconnect()
+
+    def _pass_length(self, session: Session) -> int:
+        """Positions in each of this job's passes over the cache (its order, or its share of it)."""
+        return len(self._my_share(session, 0)[0]) if self._splits(session) else session.cache.layout.samples
+
+    def _resume_position(self, length: int) -> int:
+        """Where this pass starts in an order of ``length``: 0, or where a loaded state left it."""
+        if self._resume_at is None:
+            return 0
+        (epoch, position), self._resume_at = self._resume_at, None
+        return position if epoch == self.epoch and position < length else 0
+
+    def _hand_out(self, reader):
+        """Yield the batches of a pass from ``reader`` (``(indices, padded, position)`` items; it
+        returns whether it read its order to the end), recording each position; return that."""
+        session, cache = self._session, self._session.cache
+        while True:
+            try:
+                indices, padded, position = next(reader)
+            except StopIteration as end:
+                return end.value
+            labels = torch.from_numpy(cache.labels[indices].astype(np.int64))
+            if self._target.type != "cpu":
+                labels = labels.pin_memory().to(self._target, non_blocking=True)
+            batch = {"images": cache.gather(indices, session.sample_shape, session.dtype, self._target),
+                     "labels": labels, "indices": torch.from_numpy(indices)}
+            if padded is not None:
+                batch["padded"] = torch.from_numpy(padded)
+            if self.augment is not None:
+                batch = self.augment(batch)
+            self._progress.handed_out(self.epoch, position)
+            yield batch
+            del batch
 
     def _order_seed(self, session: Session) -> int:
         return session.producer_seed if self.seed is None else self.seed
@@ -293,18 +358,19 @@ class DaliShareIterator:
             order, padded = share(order, self.member.rank, self.member.world, self.drop_last, padded)
         return order, padded
 
-    def _shared_batches(self, indices: np.ndarray, padded: np.ndarray):
-        """(indices, padded) of each batch of a share: waits for samples not cached yet; an excluded
-        sample is replaced by a repeat of a readable one of the batch (or the one before), flagged
-        as padding, so every rank still gets the same count. Ends early when the producer stops."""
+    def _shared_batches(self, indices: np.ndarray, padded: np.ndarray, first: int = 0):
+        """(indices, padded, position after it) of each batch of a share from position ``first``:
+        waits for samples not cached yet; an excluded sample is replaced by a repeat of a readable
+        one of the batch (or the one before), flagged as padding, so every rank still gets the same
+        count. Returns whether it read the share to its end (not if the producer stopped first)."""
         session, marks, size = self._session, self._session.cache.marks, self.batch_size
         stand_in = -1  # the last readable sample: a batch of excluded samples only repeats it
         next_check = time.monotonic() + PRODUCER_POLL_S
-        for start in range(0, len(indices), size):
+        for start in range(first, len(indices), size):
             chunk, flags = indices[start : start + size].copy(), padded[start : start + size].copy()
             while (missing := np.flatnonzero(marks[chunk] == Mark.MISSING)).size:
                 if not session.await_sample(int(chunk[missing[0]]), self.batch_timeout, self.reconnect):
-                    return
+                    return False
             excluded = marks[chunk] == Mark.EXCLUDED
             readable = chunk[~excluded]
             stand_in = int(readable[0]) if readable.size else stand_in
@@ -316,10 +382,11 @@ class DaliShareIterator:
             stand_in = int(chunk[-1])
             if time.monotonic() >= next_check:  # the producer's Stop, failure or death, or the group's loss
                 if not session.producer_serves(self.reconnect):
-                    return
+                    return False
                 self._count_excluded()
                 next_check = time.monotonic() + PRODUCER_POLL_S
-            yield chunk, flags
+            yield chunk, flags, start + len(chunk)
+        return True
 
     def _count_excluded(self) -> None:
         """The files the producer excluded so far (the fill finds them), and so the epoch's size."""
@@ -328,31 +395,33 @@ class DaliShareIterator:
         if not self._splits(self._session):  # a share keeps its size: excluded samples are replaced by repeats
             self._session.samples_per_epoch = cache.layout.samples - self._counters.excluded
 
-    def _cached_batches(self, order: np.ndarray):
-        """The sample indices of each batch of ``order``: full batches of VALID samples, excluded
-        ones skipped, the last one smaller; waits for samples not cached yet. Ends early when the
-        producer stops."""
+    def _cached_batches(self, order: np.ndarray, pos: int = 0):
+        """(sample indices, None, position after them) of each batch of ``order`` from position
+        ``pos``: full batches of VALID samples, excluded ones skipped, the last one smaller; waits for
+        samples not cached yet. Returns whether it read the order to its end (not if the producer
+        stopped first)."""
         session, marks, size = self._session, self._session.cache.marks, self.batch_size
-        pos, parts, have = 0, [], 0
+        parts, have = [], 0
         next_check = time.monotonic() + PRODUCER_POLL_S
         while pos < len(order):
             got, pos, missing = take(marks, order, pos, size - have)
             parts.append(got)
             have += len(got)
             if have == size:
-                yield np.concatenate(parts)
+                yield np.concatenate(parts), None, pos
                 parts, have = [], 0
             if missing >= 0:
                 if not session.await_sample(missing, self.batch_timeout, self.reconnect):
-                    return
+                    return False
             elif time.monotonic() >= next_check:  # the producer's Stop, failure or death, while reading
                 if not session.producer_serves(self.reconnect):
-                    return
+                    return False
                 self._count_excluded()
                 next_check = time.monotonic() + PRODUCER_POLL_S
         self._count_excluded()
         if have:
-            yield np.concatenate(parts)
+            yield np.concatenate(parts), None, pos
+        return True
 
     # -- rebatching ----------------------------------------------------------------------------
 
@@ -375,14 +444,41 @@ class DaliShareIterator:
     def _reading(self) -> bool:
         """Whether a producer batch of this pass is being read, beginning the next one if needed."""
         session, rebatcher = self._session, self._session.rebatcher
-        if rebatcher.epoch_over:
+        while True:
+            if rebatcher.epoch_over:
+                return False
+            if rebatcher.current is None and session.begin_next(self.epoch, self.batch_timeout,
+                                                                self.reconnect) is None:
+                rebatcher.end_epoch()
+                if self.reconnect and session.lost:
+                    self._reconnect()
+                return False
+            if self._resume_at is None or not self._skip_read_before_resume():
+                return True
+
+    def _skip_read_before_resume(self) -> bool:
+        """After load_state_dict on the ring: give back, unread, the samples of the producer batch
+        being begun that the job had been given before it restarted. True if that was all of it."""
+        rebatcher = self._session.rebatcher
+        msg = rebatcher.current
+        epoch, position = self._resume_at
+        if msg.epoch != epoch:  # the producer is past that epoch (or is another, counting afresh)
+            self._resume_at = None
             return False
-        if rebatcher.current is None and session.begin_next(self.epoch, self.batch_timeout, self.reconnect) is None:
-            rebatcher.end_epoch()
-            if self.reconnect and session.lost:
-                self._reconnect()
+        skip = min(position - msg.start - rebatcher.offset, rebatcher.remaining)
+        if skip <= 0:
+            self._resume_at = None
             return False
-        return True
+        self._finish(rebatcher.take(skip))
+        return rebatcher.current is None
+
+    def _ring_position(self) -> int:
+        """Samples of the producer's epoch order up to the end of the last piece taken."""
+        rebatcher = self._session.rebatcher
+        last = rebatcher.last
+        if last is None:
+            return 0
+        return last.start + (rebatcher.offset if rebatcher.current is not None else last.count)
 
     def _assemble(self) -> dict | None:
         session, rebatcher = self._session, self._session.rebatcher

@@ -204,3 +204,20 @@ def test_the_examples_train_on_a_shared_stage(dataset, example):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for epoch in range(2):
         assert f"epoch {epoch}: {N_SAMPLES} samples, {N_SAMPLES} distinct" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_lightning_example_resumes_mid_epoch_from_its_checkpoint(dataset, tmp_path):
+    pytest.importorskip("lightning")
+    run = [sys.executable, str(ROOT / "examples" / "lightning_train.py"), "--name", "t", "--batch-size", "4",
+           "--epochs", "2", "--checkpoint-dir", str(tmp_path / "ckpt"), "--every-n-steps", "1"]
+    with Server(dataset, "--batch-size", "8", "--cache", "memory"):
+        stopped = subprocess.run(run + ["--max-steps", "3"], capture_output=True, text=True, timeout=300)
+        assert stopped.returncode == 0 and (tmp_path / "ckpt" / "last.ckpt").exists(), stopped.stdout + stopped.stderr
+        assert "epoch 0: 12 samples, 12 distinct" in stopped.stdout, stopped.stdout  # stopped 3 steps into epoch 0
+        state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]["state_dict"]
+        (saved,) = state["combined_loader"]
+        assert (saved["epoch"], saved["position"]) == (0, 12)  # 3 steps of 4 (Lightning takes none ahead of a loader with len())
+        resumed = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    for epoch in range(2):  # the summary counts the samples trained before the stop too (from the checkpoint)
+        assert f"epoch {epoch}: {N_SAMPLES} samples, {N_SAMPLES} distinct" in resumed.stdout, resumed.stdout

@@ -1,0 +1,86 @@
+"""Where a job is in its epochs, as ``state_dict()`` saves it and ``load_state_dict()`` takes it
+back (torchdata's Stateful convention: a plain dict that ``torch.save`` and Lightning checkpoints
+carry).
+
+A position is (epoch, samples of that epoch's order behind the job). What it means depends on what
+the producer serves:
+
+- a cache: the job's own order (the producer's, its ``seed=``, or its share in a group or shard),
+  so a resumed job reads on exactly from the next sample it had not been given;
+- the ring: the producer's order of that epoch, which the producer keeps streaming while the job is
+  away. A resumed job in the same producer epoch skips what it had been given (none of it twice);
+  what was served while it was away is missed for that epoch; a later epoch starts as usual.
+
+A training loop that takes batches ahead of the step it runs (Lightning fetches one ahead when it
+cannot tell the loader's length) passes
+``taken_ahead``: the state then leaves those batches unread, so they are read again after a resume
+instead of lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_SAME_DATA = ("dataset", "samples", "stage", "output", "seed", "shards")  # fingerprint keys a position depends on
+
+
+class Progress:
+    """The position after each batch handed out, the last ``taken_ahead + 1`` of them kept."""
+
+    def __init__(self, taken_ahead: int):
+        if taken_ahead < 0:
+            raise ValueError(f"taken_ahead must be 0 or more, got {taken_ahead}")
+        self._points: deque[tuple[int, int]] = deque([(0, 0)], maxlen=taken_ahead + 1)  # oldest first
+
+    def begin(self, epoch: int, position: int) -> None:
+        """A pass starts (or resumes) at ``position`` of ``epoch``; nothing of it handed out yet."""
+        self._points.clear()
+        self._points.append((epoch, position))
+
+    def handed_out(self, epoch: int, position: int) -> None:
+        """A batch went to the training loop; the job is now ``position`` samples into ``epoch``."""
+        self._points.append((epoch, position))
+
+    def epoch_read(self, epoch: int) -> None:
+        """The pass of ``epoch`` ended (the loop learns it like a batch, through its fetcher)."""
+        self._points.append((epoch + 1, 0))
+
+    def saved(self) -> tuple[int, int]:
+        """The position a resumed job starts from: the oldest kept (``taken_ahead`` batches back)."""
+        return self._points[0]
+
+
+def make_state(progress: Progress, source: str, fingerprint: dict, seed: int | None, passes: int) -> dict:
+    epoch, position = progress.saved()
+    return {"version": STATE_VERSION, "source": source, "epoch": epoch, "position": position, "seed": seed,
+            "passes": passes, "fingerprint": {k: fingerprint.get(k) for k in _SAME_DATA}}
+
+
+def check_state(state: dict, source: str, fingerprint: dict, seed: int | None) -> tuple[int, int]:
+    """The (epoch, position) to resume from, or `ConfigError` naming why ``state`` cannot apply here.
+    Saved from the other source (a cache, now a ring, or back): the position means another order,
+    so the job starts the saved epoch afresh (a cache) or follows the producer (the ring)."""
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise ConfigError(f"load_state_dict: not a dalishare iterator state of version {STATE_VERSION} "
+                          f"(got {type(state).__name__} with version {getattr(state, 'get', dict().get)('version')!r})")
+    saved = state["fingerprint"]
+    for key in _SAME_DATA:
+        if saved.get(key) != fingerprint.get(key):
+            raise ConfigError(f"load_state_dict: the state was saved from a producer with another {key} "
+                              f"({saved.get(key)!r}, now {fingerprint.get(key)!r}); a position in its epoch means "
+                              f"nothing here: serve the same dataset, stage and --seed, or start without the state")
+    if state["seed"] != seed:
+        raise ConfigError(f"load_state_dict: the state was saved by a job with seed={state['seed']!r}, this one has "
+                          f"seed={seed!r}; its position is in that order: create the iterator with the same seed")
+    epoch, position = int(state["epoch"]), int(state["position"])
+    if state["source"] != source:
+        log.warning("the state was saved from the producer's %s, which now serves a %s: epoch %d starts afresh",
+                    state["source"], source, epoch)
+        position = 0
+    return epoch, position
