@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .errors import DalishareError
-from .intervals import SHUTDOWN_LIMIT_S
+from .intervals import SHUTDOWN_LIMIT_S, STATUS_LOG_INTERVAL_S
 from .producer import ServeOptions
 
 DEFAULTS = ServeOptions()
@@ -19,6 +19,8 @@ DEFAULTS = ServeOptions()
 def _serve(args: argparse.Namespace) -> None:
     from .producer import Producer
     from .producer.cache_policy import parse_size
+
+    from .producer.reporting import StatusOutput
 
     producer = Producer(args.pipeline, args.data, ServeOptions(
         name=args.name, batch_size=args.batch_size, device=args.device, slots=args.slots, seed=args.seed,
@@ -37,7 +39,25 @@ def _serve(args: argparse.Namespace) -> None:
     producer.on_teardown = watchdog
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
-    producer.serve()
+    exporter = None
+    if args.metrics_port is not None:
+        from .producer.metrics import MetricsExporter
+
+        exporter = MetricsExporter(args.metrics_port, args.metrics_host)
+    output = StatusOutput(args.console, args.status_interval)
+
+    def on_status(report) -> None:
+        output(report)
+        if exporter is not None:
+            exporter.update(report)
+
+    producer.on_status = on_status
+    try:
+        producer.serve()
+    finally:
+        output.close()
+        if exporter is not None:
+            exporter.close()
 
 
 def _cleanup(args: argparse.Namespace) -> None:
@@ -73,6 +93,12 @@ def _cache_remove(args: argparse.Namespace) -> None:
     print(f"removed {len(removed)} cache files" + "".join(f"\n  {p}" for p in removed))
     for path in sorted(set(chosen) - set(removed)):
         print(f"kept {path}: a live producer is filling or serving it; stop it first")
+
+
+def _status(args: argparse.Namespace) -> None:
+    from .status import run
+
+    run(args.name, args.json, args.watch)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -117,7 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve node I's share of each epoch, of N nodes (one producer per node; needs a cache); "
                             "auto: from SLURM_NODEID/SLURM_NNODES, NODE_RANK/NNODES or GROUP_RANK/GROUP_WORLD_SIZE "
                             "(default: %(default)s, everything)")
+    serve.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                       help="serve the status figures for Prometheus at http://HOST:P/metrics (0: any free port)")
+    serve.add_argument("--metrics-host", default="127.0.0.1",
+                       help="address the metrics listen on (default: %(default)s, this machine only)")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="json: one JSON object per log line, for log collectors (default: %(default)s)")
+    serve.add_argument("--status-interval", type=float, default=STATUS_LOG_INTERVAL_S, metavar="SECONDS",
+                       help="when the output is not a terminal, log a status line this often (default: %(default)s)")
     serve.set_defaults(func=_serve)
+
+    status = sub.add_parser("status", help="what each producer of this user serves, and its jobs")
+    status.add_argument("name", nargs="?", default=None, help="only this producer (default: all)")
+    status.add_argument("--json", action="store_true", help="print JSON (one document per refresh) for scripts")
+    status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                        help="refresh every SECONDS (default 2) until interrupted")
+    status.set_defaults(func=_status)
 
     cleanup = sub.add_parser("cleanup", help="remove segments and sockets left by dead producers")
     cleanup.add_argument("--name", default=None, help="only this producer name (default: all)")
@@ -142,10 +183,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_up_logging(args: argparse.Namespace) -> None:
+    """Plain lines; JSON lines with ``serve --log-format json``; for ``serve`` on a terminal, through a
+    rich console, under which its live status line stays (`args.console`, else None)."""
+    level = logging.DEBUG if args.verbose else logging.INFO
+    args.console = None
+    if getattr(args, "log_format", "text") == "json":
+        from .producer.reporting import JsonFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=level, handlers=[handler])
+    elif args.command == "serve" and sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        args.console = Console(stderr=True)
+        logging.basicConfig(level=level, format="%(message)s", datefmt="%H:%M:%S",
+                            handlers=[RichHandler(console=args.console, show_path=False)])
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s dalishare %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s dalishare %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    _set_up_logging(args)
     try:
         args.func(args)
     except DalishareError as exc:

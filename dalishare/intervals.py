@@ -45,6 +45,18 @@ RESTART_BACKOFF_S = 0.5
 """The first pause before restarting a stage worker whose failure no file explained; it doubles
 with each further such failure in a row (producer/restarts.py)."""
 
+STATUS_RATE_WINDOW_S = 10.0
+"""Rates in status, metrics and the serve line (decoded/s, each job's images/s) are over this window."""
+
+STATUS_LOG_INTERVAL_S = 30.0
+"""When serve's output is not a terminal (or with --log-format json), how often it logs a status line."""
+
+STATUS_LIVE_REFRESH_S = 1.0
+"""How often serve's live line on a terminal, and the snapshot --metrics-port serves, are refreshed."""
+
+STATUS_TIMEOUT_S = 2.0
+"""How long ``dalishare status`` waits for a producer's answer before it reports it unresponsive."""
+
 # -- stage processes ------------------------------------------------------------------------------
 
 STAGE_IDLE_POLL_S = 1.0

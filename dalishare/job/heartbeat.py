@@ -16,16 +16,18 @@ class HeartbeatThread(threading.Thread):
     """Sends ``Heartbeat`` every ``interval`` seconds on its own ``channel`` (ZeroMQ sockets are not
     thread-safe), which it closes when stopped."""
 
-    def __init__(self, channel: JobChannel, job_id: int, interval: float, taken: Callable[[], int]):
+    def __init__(self, channel: JobChannel, job_id: int, interval: float, taken: Callable[[], int],
+                 read: Callable[[], int]):
         super().__init__(name=f"dalishare-heartbeat-{job_id}", daemon=True)
         self._channel, self._job_id, self._interval = channel, job_id, interval
         self._taken = taken  # the newest batch the job has begun to read (messages.Heartbeat)
+        self._read = read    # samples the job has read (messages.Heartbeat)
         self._stopped = threading.Event()
 
     def run(self) -> None:
         try:
             while not self._stopped.wait(self._interval):
-                self._channel.send(Heartbeat(self._job_id, self._taken()))  # a gone producer: the job notices
+                self._channel.send(Heartbeat(self._job_id, self._taken(), self._read()))  # a gone producer: the job notices
         finally:
             self._channel.close(linger_ms=0)
 

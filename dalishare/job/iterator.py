@@ -227,6 +227,7 @@ class DaliShareIterator:
         resumed = self._resume_at is not None and self._resume_at[0] == head.epoch
         self._progress.begin(head.epoch, max(head.start, self._resume_at[1]) if resumed else head.start)
         while (batch := self._next_batch()) is not None:
+            session.read += len(batch["indices"])
             if self.augment is not None:
                 batch = self.augment(batch)
             self._progress.handed_out(head.epoch, self._ring_position())
@@ -333,6 +334,7 @@ class DaliShareIterator:
             if self.augment is not None:
                 batch = self.augment(batch)
             self._progress.handed_out(self.epoch, position)
+            session.read += len(indices)
             yield batch
             del batch
 

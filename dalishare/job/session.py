@@ -55,6 +55,8 @@ class Session:
         self.window = KeepWindow(keep)  # slots read and not given back yet
         self.pending: deque[Batch] = deque()  # announcements not yet begun, in seq order
         self.taken = -1  # seq of the newest producer batch begun; sent in heartbeats
+        self.read = 0    # samples handed to the training loop in this session; sent in heartbeats (status)
+        self._asked_batch_size = batch_size or 0
         self.stop_reason: str | None = None   # set by the producer's Stop
         self.stop_kind: StopKind | None = None
         self.failure: str | None = None       # the producer's own error, when it stopped by failing
@@ -89,7 +91,7 @@ class Session:
             gpu = self.ring_device if self.ring_device.type == "cuda" else None
             self.releases = SlotReleases(self._release, gpu)
             self.heartbeat = HeartbeatThread(self.channel.sibling(endpoint), self.job_id, heartbeat_interval,
-                                             taken=lambda: self.taken)
+                                             taken=lambda: self.taken, read=lambda: self.read)
             self.heartbeat.start()
         except BaseException:
             self.close(timeout=0)
@@ -164,7 +166,8 @@ class Session:
         (NOTE [ Control protocol ])."""
         member = self.member
         self.channel.send(Hello(os.getpid(), keep=self.window.keep, group=member.name if member else "",
-                                rank=member.rank if member else 0, world=member.world if member else 1))
+                                rank=member.rank if member else 0, world=member.world if member else 1,
+                                batch_size=self._asked_batch_size))
         deadline = time.monotonic() + timeout
         starting: tuple[int, int | None] | None = None  # (pid, start time) of a producer that said it starts
         while time.monotonic() < deadline:
@@ -299,7 +302,7 @@ class Session:
                 f"job {self.job_id} holds all {held} slots of producer {self.name!r} (views it still uses, "
                 f"keep={self.window.keep}), so no new batch can come: serve with more --slots "
                 f"(keep + 2 at least), hold fewer batches at once, `.clone()` them, or pass copy=True")
-        self.channel.send(Heartbeat(self.job_id, self.taken))  # a gone producer is reported by the wait
+        self.channel.send(Heartbeat(self.job_id, self.taken, self.read))  # a gone producer is reported by the wait
 
     def receive_all(self) -> None:
         """Take in every queued message. Raises `GroupBroken` once the producer said a rank of this

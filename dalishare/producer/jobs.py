@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..shm import names
+from .rates import Rate
 from .slots import SlotTable
 
 
@@ -43,6 +44,9 @@ class Job:
     group: str = ""           # its consumer group ("" for an independent job), in which it is rank ``rank``
     rank: int = 0
     world: int = 1
+    batch_size: int = 0       # its own, from its Hello (0: the producer's); for status
+    attached_at: float = 0.0  # monotonic s
+    reads: Rate = field(default_factory=Rate)  # samples read (its heartbeats' ``read``) over time: images/s
 
     @property
     def suspended(self) -> bool:
@@ -57,12 +61,12 @@ class JobRegistry:
     _jobs: dict[int, Job] = field(default_factory=dict)
 
     def add(self, pid: int, identity: bytes, keep: int, now: float, group: str = "", rank: int = 0,
-            world: int = 1, state: JobState = JobState.ACTIVE) -> Job:
+            world: int = 1, state: JobState = JobState.ACTIVE, batch_size: int = 0) -> Job:
         job_id = secrets.randbits(31)
         while job_id in self._jobs:
             job_id = secrets.randbits(31)
         job = Job(job_id, pid, identity, keep, last_seen=now, started=names.process_start(pid), last_progress=now,
-                  group=group, rank=rank, world=world, state=state)
+                  group=group, rank=rank, world=world, state=state, batch_size=batch_size, attached_at=now)
         self._jobs[job_id] = job
         return job
 

@@ -48,13 +48,14 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError
-from ..intervals import DEAD_JOB_DRAIN_MS, DEVICE_FREE_GRACE_S, IDLE_POLL_MS, REAP_INTERVAL_S, STARTING_REPEAT_S
+from ..intervals import (DEAD_JOB_DRAIN_MS, DEVICE_FREE_GRACE_S, IDLE_POLL_MS, REAP_INTERVAL_S, STARTING_REPEAT_S,
+                         STATUS_LIVE_REFRESH_S)
 from ..shm import RingKind, create_ring
 from ..shm import names
 from ..shm.cache import CacheLayout, Mark, cache_key, listing_digests
 from ..wire.channel import ProducerChannel
-from ..wire.messages import (PROTOCOL_VERSION, Batch, Bye, EpochDone, GroupLost, Heartbeat, Hello, Reject, Release,
-                             Resume, Starting, Stop, Suspended, Welcome)
+from ..wire.messages import (PROTOCOL_VERSION, Batch, Bye, EpochDone, GroupLost, Heartbeat, Hello, JobStatus, Reject,
+                             Release, Resume, Starting, StatusQuery, StatusReport, Stop, Suspended, Welcome)
 from ..wire.order import epoch_order, share
 from .cache_policy import CacheChoice, CacheMode, choose, default_limit, human, parse_cache
 from .dataset import Dataset, scan
@@ -62,6 +63,7 @@ from .feed import EpochFeed
 from .filling import CacheFill, ServedCache, dali_version, disk_cache_path, fingerprint, reusable_layout
 from .jobs import Job, JobRegistry, JobState
 from .options import ServeOptions
+from .rates import Rate
 from .slots import SlotTable
 from .stage import parse_device
 from .supervisor import Done, Lost, StageSupervisor, WorkerPhase
@@ -90,6 +92,12 @@ class Producer:
         self.pipeline_file, self.data = Path(pipeline_file), Path(data)
         self.stop_reason: str | None = None  # set once, by stop(): the loop ends when it is
         self.on_teardown: Callable[[], None] = lambda: None  # called once the loop ends, before the teardown
+        # called with a fresh status() every STATUS_LIVE_REFRESH_S by the loop (serve's line, metrics)
+        self.on_status: Callable[[StatusReport], None] = lambda report: None
+        self._started_at = time.monotonic()
+        self._decoded = Rate()  # samples_decoded over time
+        self._feed: EpochFeed | None = None
+        self._dataset: Dataset | None = None
         self.failure: str | None = None  # set when serve() ends with an exception
         self.batches_served = 0  # announced batches (the ring) or filled tasks (the cache)
         self.samples_decoded = 0  # by the stage worker, into the ring or the cache (the measured batch not counted)
@@ -190,7 +198,7 @@ class Producer:
     # -- the loop ------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        next_reap = time.monotonic()
+        next_reap = next_status = time.monotonic()
         while self.stop_reason is None:
             self._handle_messages(timeout_ms=0 if self._can_submit() else IDLE_POLL_MS)
             now = time.monotonic()
@@ -202,6 +210,9 @@ class Producer:
             if now >= next_reap:
                 self._reap()
                 next_reap = now + REAP_INTERVAL_S
+            if now >= next_status:
+                self.on_status(self.status())
+                next_status = now + STATUS_LIVE_REFRESH_S
             while self._can_submit():
                 self._submit()
             if self._done() and all(self._finished_with(job) for job in self._jobs):
@@ -486,6 +497,11 @@ class Producer:
         if isinstance(msg, Hello):
             self._attach(identity, msg)
             return
+        if isinstance(msg, StatusQuery):
+            self._channel.send(identity, self.status() if msg.version == PROTOCOL_VERSION else Reject(
+                f"protocol version {msg.version} is not the producer's {PROTOCOL_VERSION}: use the dalishare "
+                f"version of the producer"))
+            return
         job = self._jobs.get(getattr(msg, "job_id", -1))
         if job is None:
             self._channel.drop(f"{type(msg).__name__} for unknown job")
@@ -497,6 +513,7 @@ class Producer:
             self._slots.release(job.id, msg.seq)
         elif isinstance(msg, Heartbeat):
             job.taken = max(job.taken, msg.taken)
+            job.reads.update(msg.read, now)
         elif isinstance(msg, Resume):
             self._resume(job, msg.after_seq)
         elif isinstance(msg, EpochDone):
@@ -528,7 +545,7 @@ class Producer:
             return
         forming = bool(hello.group) and self._cache is None  # on the ring a group starts at an epoch's start
         job = self._jobs.add(hello.pid, identity, hello.keep, time.monotonic(), hello.group, hello.rank, hello.world,
-                             JobState.FORMING if forming else JobState.ACTIVE)
+                             JobState.FORMING if forming else JobState.ACTIVE, hello.batch_size or self.options.batch_size)
         opts = self.options
         if not self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(),
                                        ring=self._ring.layout.to_wire() if self._ring else {},
@@ -575,6 +592,43 @@ class Producer:
             for k in resident:
                 self._announce(job, k)
         log.info("group %r: its %d ranks start together at epoch %d", group, len(ranks), epoch)
+
+    # -- status: NOTE [ Control protocol ] (Status) ---------------------------------------------------
+
+    def status(self) -> StatusReport:
+        """The producer's figures now: what ``dalishare status``, --metrics-port and serve's line show."""
+        now, opts = time.monotonic(), self.options
+        self._decoded.update(self.samples_decoded, now)
+        dataset, ring, cache, feed = self._dataset, self._ring, self._cache, self._feed
+        serving = self.phase is Phase.SERVING
+        epoch, position = feed.position() if feed is not None and ring is not None else (-1, 0)
+        if cache is not None:
+            output = f"cache {cache.mode.value}"
+        else:
+            output = "ring" if ring is not None else ""
+        pacers = self._slots.pacers() if ring is not None else set()
+        newest = max((s.batch.seq for s in self._slots.slots if s.batch is not None), default=-1) if ring else -1
+        jobs = []
+        for job in self._jobs:
+            held = self._slots.held_by(job.id) if ring is not None else []
+            jobs.append(dataclasses.asdict(JobStatus(
+                id=job.id, pid=job.pid, group=job.group, rank=job.rank, world=job.world, state=job.state.value,
+                batch_size=job.batch_size, epoch=job.epochs_read if cache is not None else epoch,
+                read=job.reads.total, images_per_s=float(job.reads.per_s(now)),
+                behind=max(0, newest - job.taken) if held else 0, holds=len(held), paces=job.id in pacers,
+                attached_s=float(now - job.attached_at))))
+        return StatusReport(
+            version=PROTOCOL_VERSION, name=opts.name, pid=os.getpid(), phase=self.phase.value,
+            uptime_s=float(now - self._started_at), stage=str(self.pipeline_file), device=str(opts.device),
+            data=str(self.data), samples=len(dataset) if dataset is not None else -1,
+            classes=len(dataset.classes) if dataset is not None else -1, batch_size=opts.batch_size,
+            sample=f"{list(self._sample_shape)} {self._dtype.name}" if serving else "", output=output,
+            epoch=epoch, epoch_position=position, epoch_size=self._epoch_size() if serving else -1,
+            epochs=opts.epochs or 0, cached=cache.store.valid_count() if cache is not None else -1,
+            excluded=(len(cache.store.excluded()) if cache is not None else len(feed.excluded)) if feed else 0,
+            slots=opts.slots if ring is not None else 0, slots_in_use=self._slots.in_use() if ring is not None else 0,
+            decoded=self.samples_decoded, decode_per_s=float(self._decoded.per_s(now)),
+            worker_restarts=self.worker_restarts, dropped_messages=self.bad_messages, jobs=jobs)
 
     def _epoch_size(self) -> int:
         if self._cache is not None:  # its marks also know the files a previous producer excluded

@@ -85,6 +85,17 @@ class SlotTable:
     def holders(self) -> set[int]:
         return {job_id for slot in self.slots for job_id in slot.holders}
 
+    def in_use(self) -> int:
+        """Slots a job holds or the stage worker writes."""
+        return sum(1 for s in self.slots if s.holders or s.writing is not None)
+
+    def pacers(self) -> set[int]:
+        """With no free slot, the jobs the producer waits for: the holders of the oldest held batch."""
+        if self.free_slot() is not None:
+            return set()
+        held = [s for s in self.slots if s.holders and s.batch is not None]
+        return set(min(held, key=lambda s: s.batch.seq).holders) if held else set()
+
     def held_count(self) -> int:
         return sum(len(slot.holders) for slot in self.slots)
 

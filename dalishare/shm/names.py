@@ -152,6 +152,29 @@ class ServeLock:
             self._fd = -1
 
 
+def producer_names() -> list[str]:
+    """Names with a socket or lock in this user's runtime dir: live producers and dead ones' leftovers."""
+    return sorted({p.stem for p in runtime_dir().iterdir() if p.suffix in RUNTIME_FILES.values()})
+
+
+def is_served(name: str) -> bool:
+    """Whether a live producer holds ``name``'s lock."""
+    fd = try_lock(lock_path(name), create=False)
+    if fd is not None:
+        os.close(fd)
+    return fd is None and lock_path(name).exists()
+
+
+def leftovers(name: str) -> list[str]:
+    """The files a dead producer of ``name`` left (what `clean_stale` would remove)."""
+    found = [str(p) for p in (runtime_dir() / f"{name}{suffix}" for suffix in RUNTIME_FILES.values()) if p.exists()]
+    for seg in SHM_DIR.glob(f"{SHM_PREFIX}{name}.*"):
+        parts = seg.name.split(".")
+        if len(parts) in (3, 4) and parts[2].isdigit() and not pid_alive(int(parts[2])):
+            found.append(str(seg))
+    return found
+
+
 def clean_stale(name: str | None = None) -> list[str]:
     """Remove segments, sockets and locks whose producer is dead; return what was removed.
 
@@ -169,7 +192,7 @@ def clean_stale(name: str | None = None) -> list[str]:
         except FileNotFoundError:
             pass
     rdir = runtime_dir()
-    names = [name] if name else sorted({p.stem for p in rdir.iterdir() if p.suffix in RUNTIME_FILES.values()})
+    names = [name] if name else producer_names()
     for n in names:
         fd = try_lock(lock_path(n), create=False)
         if fd is None and lock_path(n).exists():

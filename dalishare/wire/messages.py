@@ -6,6 +6,7 @@ a `ProtocolError` (which the receiver counts and drops), never code: no pickle a
 
 Job -> producer: Hello, Release, Heartbeat, Resume, EpochDone, Bye.
 Producer -> job: Starting, Welcome, Reject, Batch, Suspended, Heartbeat (a probe), GroupLost, Stop.
+Anyone -> producer: StatusQuery; producer -> asker: StatusReport (or Reject).
 
 NOTE [ Control protocol ]
 =========================
@@ -51,6 +52,11 @@ Cited from the loops that implement it: the producer's (producer/server.py) and 
   a rank dies, becomes unreachable or leaves with ``Bye(failed=True)``, it sends ``GroupLost(reason)`` to
   every other rank of the group and detaches them (the group cannot go on without it). Job: raises
   `GroupBroken` with the reason at its next batch (within PRODUCER_POLL_S while it reads or waits).
+- Status. Anyone (``dalishare status``): ``StatusQuery(pid, version)`` on a socket of its own, then
+  waits up to STATUS_TIMEOUT_S. Producer: answers at once, in any phase, with ``StatusReport`` (its
+  figures, and one `JobStatus` row per attached job) or, for another protocol version, ``Reject``.
+  It registers nothing: a query is not an attach. Jobs' figures come from their heartbeats
+  (``Heartbeat.read``: samples read so far) and releases.
 """
 
 from __future__ import annotations
@@ -63,8 +69,9 @@ import msgpack
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 5  # 2: Hello.keep, Heartbeat.taken; 3: Starting; 4: the cache (Welcome.cache, EpochDone);
-# 5: consumer groups and shards (Hello.group/rank/world, Welcome.shard/fingerprint, GroupLost)
+PROTOCOL_VERSION = 6  # 2: Hello.keep, Heartbeat.taken; 3: Starting; 4: the cache (Welcome.cache, EpochDone);
+# 5: consumer groups and shards (Hello.group/rank/world, Welcome.shard/fingerprint, GroupLost);
+# 6: status (StatusQuery, StatusReport, Hello.batch_size, Heartbeat.read)
 MAX_MESSAGE_BYTES = 1 << 20  # a batch announcement of 10,000 samples is ~170 kB
 
 
@@ -76,6 +83,7 @@ class Hello:
     group: str = ""  # a consumer group's name ("" for an independent job): this job is rank ``rank`` of ``world``
     rank: int = 0
     world: int = 1
+    batch_size: int = 0  # the job's own batch size (0: the producer's), for status
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,7 @@ class Heartbeat:
 
     job_id: int
     taken: int = -1
+    read: int = 0  # samples the job has read since it attached (all passes), for its rate in status
 
 
 @dataclass(frozen=True)
@@ -214,10 +223,71 @@ class Resume:
     after_seq: int
 
 
+@dataclass(frozen=True)
+class StatusQuery:
+    """Asks a producer for a `StatusReport` (``dalishare status``); ``pid`` is the asker's."""
+
+    pid: int
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One attached job, a row of `StatusReport.jobs` (checked field by field like a message)."""
+
+    id: int
+    pid: int
+    group: str          # "" for an independent job
+    rank: int
+    world: int
+    state: str          # producer/jobs.JobState's name: forming, active or suspended
+    batch_size: int     # the job's own (the producer's if it did not choose)
+    epoch: int          # the epoch it reads (the ring: the producer's; a cache: its own pass)
+    read: int           # samples read since it attached
+    images_per_s: float  # over the last STATUS_RATE_WINDOW_S
+    behind: int         # the ring: batches announced to it and not begun; a cache: 0 (nobody waits)
+    holds: int          # ring slots it holds
+    paces: bool         # the ring is full and the producer waits for this job's releases
+    attached_s: float   # seconds since it attached
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """A producer's figures at the time of asking (``dalishare status``, and what --metrics-port
+    exposes). Sizes in samples unless named otherwise; -1 where a figure does not apply yet."""
+
+    version: int
+    name: str
+    pid: int
+    phase: str           # Phase: scanning, measuring or serving
+    uptime_s: float
+    stage: str           # the stage file
+    device: str          # "cpu" or "gpu:N": where the stage decodes
+    data: str
+    samples: int         # files in the dataset
+    classes: int
+    batch_size: int
+    sample: str          # e.g. "[224, 224, 3] uint8"; "" before the first batch
+    output: str          # "ring", "cache memory", "cache gpu", "cache disk"; "" before the first batch
+    epoch: int           # the ring: the epoch being fed; a cache: -1 (each job reads its own)
+    epoch_position: int  # the ring: samples of it fed so far
+    epoch_size: int
+    epochs: int          # --epochs, 0 for none
+    cached: int          # a cache: samples in it (-1: no cache)
+    excluded: int        # files excluded as undecodable
+    slots: int           # ring slots (0: no ring)
+    slots_in_use: int    # held by a job or being filled
+    decoded: int         # samples decoded by the stage since start
+    decode_per_s: float  # over the last STATUS_RATE_WINDOW_S
+    worker_restarts: int
+    dropped_messages: int
+    jobs: list           # JobStatus rows, as maps
+
+
 MESSAGES = {cls.__name__.lower(): cls
             for cls in (Hello, Starting, Welcome, Reject, Batch, Release, Heartbeat, EpochDone, GroupLost, Bye, Stop,
-                         Suspended, Resume)}
-_TYPES = {"int": int, "str": str, "bytes": bytes, "dict": dict, "list": list, "bool": bool}
+                         Suspended, Resume, StatusQuery, StatusReport)}
+_TYPES = {"int": int, "str": str, "bytes": bytes, "dict": dict, "list": list, "bool": bool, "float": float}
 
 
 def encode(msg) -> bytes:
@@ -235,6 +305,11 @@ def decode(data: bytes):
     check_fields(cls, body)
     if cls is Stop and body["kind"] not in {kind.value for kind in StopKind}:
         raise ProtocolError(f"Stop.kind {body['kind']!r} is none of {[kind.value for kind in StopKind]}")
+    if cls is StatusReport:
+        for row in body["jobs"]:
+            if not isinstance(row, dict):
+                raise ProtocolError(f"StatusReport.jobs holds a {type(row).__name__}, not a map")
+            check_fields(JobStatus, row)
     return cls(**body)
 
 

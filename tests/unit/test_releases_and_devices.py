@@ -123,7 +123,8 @@ def test_a_heartbeat_thread_stopped_before_it_started_closes_its_channel(tmp_pat
     from dalishare.wire.channel import JobChannel
 
     main = JobChannel(f"ipc://{tmp_path}/nobody.sock")
-    beat = HeartbeatThread(main.sibling(f"ipc://{tmp_path}/nobody.sock"), job_id=1, interval=1.0, taken=lambda: -1)
+    beat = HeartbeatThread(main.sibling(f"ipc://{tmp_path}/nobody.sock"), job_id=1, interval=1.0, taken=lambda: -1,
+                            read=lambda: 0)
     beat.stop()  # never started: must not raise, and must leave the context free to terminate
     done = threading.Event()
     closer = threading.Thread(target=lambda: (main.close(), done.set()), daemon=True)
