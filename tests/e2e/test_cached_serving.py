@@ -3,6 +3,7 @@ producer and job processes, real DALI on the CPU, caches in /dev/shm and in fold
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -43,6 +44,14 @@ def reference_digests(dataset: Path, tmp_path: Path) -> dict[int, str]:
             assert server.wait() == 0
         _reference[dataset] = digests(res)
     return _reference[dataset]
+
+
+def cached_samples(name: str = "t") -> int:
+    """How many samples producer ``name``'s cache holds, as `dalishare status` reports it."""
+    proc = subprocess.run([sys.executable, "-m", "dalishare", "status", name, "--json"], capture_output=True,
+                          text=True, timeout=60, check=True)
+    (entry,) = json.loads(proc.stdout)
+    return max(entry["report"]["cached"], 0) if entry["report"] else 0
 
 
 def check_epochs(res: dict, batch_size: int, n: int = N, excluded: frozenset = frozenset()) -> None:
@@ -107,10 +116,16 @@ def test_seed_needs_a_cache(dataset, tmp_path):
 
 def test_late_jobs_mid_fill_and_after_fill_start_a_whole_epoch_at_once(dataset, tmp_path):
     with Server(dataset, "--batch-size", "2", "--threads", "1", "--cache", "memory", pipeline=HEAVY) as server:
+        go = tmp_path / "go"  # the late jobs start with the first, and attach once some samples are cached
         first = Job(tmp_path / "first.json", batch_size=4, passes=1)
+        mid = Job(tmp_path / "mid.json", batch_size=3, passes=1, go=str(go))
+        seeded = Job(tmp_path / "seeded.json", batch_size=4, passes=2, seed=5, go=str(go))  # waits for samples of its own order
         first.wait_attached()
-        mid = Job(tmp_path / "mid.json", batch_size=3, passes=1)
-        seeded = Job(tmp_path / "seeded.json", batch_size=4, passes=2, seed=5)  # waits for samples of its own order
+        deadline = time.monotonic() + 60
+        while not cached_samples():
+            assert time.monotonic() < deadline, "the fill did not start"
+            time.sleep(0.05)
+        go.touch()
         first_res, mid_res, seeded_res = first.result(), mid.result(), seeded.result()
         late = Job(tmp_path / "late.json", batch_size=5, passes=2)
         late_res = late.result()

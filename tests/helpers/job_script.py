@@ -2,7 +2,8 @@
 
 Optional: ``sleep`` per batch, ``verify_stable`` (the slot must not change while held), and
 ``die`` = {"how": "sigkill" | "sigterm" | "raise" | "close", "after": batches} to end the job badly,
-``stall`` = {"after": batches, "seconds": s} to stop consuming for a while (as in a long evaluation).
+``stall`` = {"after": batches, "seconds": s} to stop consuming for a while (as in a long evaluation),
+``go`` = a path: attach only once that file exists.
 """
 
 import hashlib
@@ -27,6 +28,11 @@ def die(how: str, loader) -> None:
 
 spec = json.loads(sys.argv[1])
 passes, done, death = [], 0, spec.get("die")
+if spec.get("go"):  # imported and ready: attach only once the test says so (timing independent of start-up)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(spec["go"]):
+        assert time.monotonic() < deadline, "never told to go"
+        time.sleep(0.005)
 with DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), attach_timeout=60,
                        seed=spec.get("seed")) as loader:
     open(spec["out"] + ".attached", "w").close()  # lets a test wait for the attach itself
