@@ -58,6 +58,7 @@ def _serve(args: argparse.Namespace) -> None:
         output.close()
         if exporter is not None:
             exporter.close()
+        faulthandler.cancel_dump_traceback_later()  # the teardown is over in time
 
 
 def _cleanup(args: argparse.Namespace) -> None:
@@ -98,7 +99,7 @@ def _cache_remove(args: argparse.Namespace) -> None:
 def _status(args: argparse.Namespace) -> None:
     from .status import run
 
-    run(args.name, args.json, args.watch)
+    run(args.name, args.json, args.interval if args.watch else None)
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -156,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what each producer of this user serves, and its jobs")
     status.add_argument("name", nargs="?", default=None, help="only this producer (default: all)")
     status.add_argument("--json", action="store_true", help="print JSON (one document per refresh) for scripts")
-    status.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
-                        help="refresh every SECONDS (default 2) until interrupted")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted (Ctrl-C)")
+    status.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+                        help="with --watch: seconds between refreshes (default: %(default)s)")
     status.set_defaults(func=_status)
 
     cleanup = sub.add_parser("cleanup", help="remove segments and sockets left by dead producers")
@@ -211,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except DalishareError as exc:
-        print(f"dalishare: error: {exc}", file=sys.stderr)
+        if getattr(args, "log_format", "text") == "json":  # a collector's parser sees the error too
+            logging.getLogger("dalishare").error("%s", exc)
+        else:
+            print(f"dalishare: error: {exc}", file=sys.stderr)
         return 2
     return 0
 

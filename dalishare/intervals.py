@@ -17,9 +17,10 @@ DEVICE_FREE_GRACE_S = 2.0
 """How long a stopping producer waits for its jobs to release the slots of a device ring before it
 frees the memory (NOTE [ Producer shutdown ])."""
 
-SHUTDOWN_LIMIT_S = 20
+SHUTDOWN_LIMIT_S = 30
 """Once its serve loop ends (done, failed, or SIGINT/SIGTERM), the longest a producer's teardown may
-take before it prints where it hangs and exits."""
+take before it prints where it hangs and exits. Above the sum of its bounded waits: DEVICE_FREE_GRACE_S,
+WORKER_QUIT_S, STAGE_REAP_S, CONTEXT_TERM_GRACE_S plus the channel's linger, METRICS_STOP_S."""
 
 CONTEXT_TERM_GRACE_S = 2.0
 """How much longer than its socket's linger a stopping producer waits for its ZeroMQ context to
@@ -53,6 +54,9 @@ STATUS_LOG_INTERVAL_S = 30.0
 
 STATUS_LIVE_REFRESH_S = 1.0
 """How often serve's live line on a terminal, and the snapshot --metrics-port serves, are refreshed."""
+
+METRICS_STOP_S = 5.0
+"""How long a stopping producer waits for its metrics HTTP thread to end."""
 
 STATUS_TIMEOUT_S = 2.0
 """How long ``dalishare status`` waits for a producer's answer before it reports it unresponsive."""

@@ -13,6 +13,7 @@ import time
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from .intervals import STATUS_TIMEOUT_S
@@ -25,7 +26,8 @@ def query(name: str, timeout: float = STATUS_TIMEOUT_S) -> StatusReport | str:
     """The producer's report, or why there is none (a sentence)."""
     channel = JobChannel(names.endpoint(name))
     try:
-        channel.send(StatusQuery(os.getpid()))
+        if not channel.send(StatusQuery(os.getpid())):
+            return "its control socket takes no message (see its log)"
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if channel.wait(left * 1000):
@@ -34,6 +36,9 @@ def query(name: str, timeout: float = STATUS_TIMEOUT_S) -> StatusReport | str:
                         return msg
                     if isinstance(msg, Reject):
                         return f"refused: {msg.reason}"
+        if channel.dropped:
+            return (f"it answered, but not in this dalishare's protocol ({channel.last_drop}): run the "
+                    f"producer's dalishare version")
         return f"no answer within {timeout:g} s (busy or hung: see its log)"
     finally:
         channel.close(linger_ms=0)
@@ -77,12 +82,12 @@ def render(entries: list[dict]) -> Group:
     for entry in entries:
         report = entry["report"]
         if report is None:
-            parts.append(f"[bold]{entry['name']}[/bold]: {entry['state']}: {entry['problem']}")
+            parts.append(f"[bold]{entry['name']}[/bold]: {entry['state']}: {escape(entry['problem'])}")
             continue
         cache = f"{report['cached']}/{report['samples']} cached" if report["cached"] >= 0 else "no cache"
         ring = f"{report['slots_in_use']}/{report['slots']} slots in use" if report["slots"] else ""
         head = (f"[bold]{report['name']}[/bold] (pid {report['pid']}, up {report['uptime_s']:.0f} s): "
-                f"{report['stage']} on {report['device']}, {report['data']} ({report['samples']} samples, "
+                f"{escape(report['stage'])} on {report['device']}, {escape(report['data'])} ({report['samples']} samples, "
                 f"{report['classes']} classes), {report['output'] or 'starting'} {report['sample']}\n"
                 f"  {_progress(report)}; {cache}; {ring + '; ' if ring else ''}decoding "
                 f"{report['decode_per_s']:.0f} img/s ({report['decoded']} so far); {report['excluded']} excluded; "
@@ -102,16 +107,22 @@ def render(entries: list[dict]) -> Group:
 def run(name: str | None, as_json: bool, watch: float | None) -> None:
     """Print once, or with ``watch`` refresh every that many seconds until interrupted."""
     if as_json:
-        while True:
-            print(json.dumps(gather(name)), flush=True)  # one JSON document per line with --watch
-            if watch is None:
-                return
-            time.sleep(watch)
+        try:
+            while True:
+                print(json.dumps(gather(name)), flush=True)  # one JSON document per line with --watch
+                if watch is None:
+                    return
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            return
     console = Console() if sys.stdout.isatty() else Console(width=160)  # a pipe or file: don't cut columns
     if watch is None:
         console.print(render(gather(name)))
         return
-    with Live(render(gather(name)), console=console, auto_refresh=False) as live:
-        while True:
-            time.sleep(watch)
-            live.update(render(gather(name)), refresh=True)
+    try:
+        with Live(render(gather(name)), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(watch)
+                live.update(render(gather(name)), refresh=True)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how --watch ends

@@ -26,7 +26,7 @@ from .cached import take
 from .group import attach_failed, check_consistent, check_same_epoch, membership
 from .keep import KeepWindow
 from .rebatch import Piece
-from .resume import Progress, check_state, make_state
+from .resume import Progress, check_state, make_state, reader, same_data
 from ..intervals import PRODUCER_POLL_S
 from .session import Counters, Session
 from .views import leased_view, piece_padded, piece_tensors
@@ -91,7 +91,8 @@ class DaliShareIterator:
     ``state_dict()`` and ``load_state_dict(state)`` (torchdata's Stateful convention; Lightning saves
     them in its checkpoints) resume a restarted job: from a cache at exactly the next sample it had not
     been given; on the ring, in the same producer epoch, without any sample it had already been given
-    (those served while it was away are missed for that epoch). See job/resume.py.
+    (those served while it was away are missed for that epoch), except a group's ranks, which start
+    together at an epoch's start as always. See job/resume.py.
     """
 
     def __init__(self, name: str = "default", batch_size: int | None = None, device=None,
@@ -158,7 +159,8 @@ class DaliShareIterator:
 
     def _reconnect(self) -> None:
         """``reconnect=True``: forget the lost producer (its batches, views and slots) and attach to
-        its successor in a new session. The pass in progress ends here."""
+        its successor in a new session. The pass in progress ends here; from a cache of the same data,
+        the next one goes on where it was in its epoch (as after `load_state_dict`)."""
         old = self._session
         log.warning("producer %r (pid %d) %s; waiting up to %.0f s for a new one", self.name,
                     old.producer_pid, old.lost, self.reconnect_timeout)
@@ -166,11 +168,14 @@ class DaliShareIterator:
         while old.producer_alive() and time.monotonic() < deadline:
             time.sleep(PRODUCER_POLL_S)  # until it is gone, its socket could swallow our hello
         old.close(timeout=self.batch_timeout)  # kept as self._session until a new one opens
-        self.epoch, self._passes_read = None, 0  # a new producer counts --epochs afresh
+        self.epoch, self._passes_read = None, 0  # a new producer counts --epochs afresh (a cache: see below)
         try:
             self._session = self._open(self.reconnect_timeout)
         except ProducerNotFound as exc:
             raise ProducerLost(f"producer {self.name!r} {old.lost}, and no new one came: {exc}") from None
+        if old.fingerprint.get("source") == "cache" and same_data(old.fingerprint, self._session.fingerprint):
+            self._resume_at = self._progress.saved()
+            self._passes_read = self._resume_at[0]
         log.warning("job %d attached to the new producer %r (pid %d)", self.job_id, self.name, self.producer_pid)
 
     # -- public API -----------------------------------------------------------------------------
@@ -226,13 +231,17 @@ class DaliShareIterator:
         self._share_target = self.samples_per_epoch  # ... of this many (fixed for the pass: the ranks agree on it)
         resumed = self._resume_at is not None and self._resume_at[0] == head.epoch
         self._progress.begin(head.epoch, max(head.start, self._resume_at[1]) if resumed else head.start)
-        while (batch := self._next_batch()) is not None:
-            session.read += len(batch["indices"])
-            if self.augment is not None:
-                batch = self.augment(batch)
-            self._progress.handed_out(head.epoch, self._ring_position())
-            yield batch
-            del batch  # this frame must not be what keeps a view alive (keep.py)
+        try:
+            while (batch := self._next_batch()) is not None:
+                session.read += len(batch["indices"])
+                if self.augment is not None:
+                    batch = self.augment(batch)
+                self._progress.handed_out(head.epoch, self._ring_position())
+                yield batch
+                del batch  # this frame must not be what keeps a view alive (keep.py)
+        except GeneratorExit:  # left (a break): the rest of the epoch is skipped, in the state too
+            self._progress.epoch_read(head.epoch)
+            raise
         last = session.rebatcher.last
         if last is not None and last.last and last.epoch == head.epoch and session.rebatcher.current is None:
             self._progress.epoch_read(head.epoch)
@@ -241,12 +250,12 @@ class DaliShareIterator:
         """Where this job is: its epoch and the samples of it behind it (minus ``taken_ahead`` batches).
         A plain dict for ``torch.save`` or a checkpoint."""
         session = self._session
-        return make_state(self._progress, self._source, session.fingerprint, self.seed, self._passes_read)
+        return make_state(self._progress, self._source, session.fingerprint, self._reader, self._passes_read)
 
     def load_state_dict(self, state: dict) -> None:
         """Go on from ``state`` (from `state_dict`, in an earlier run of this job): call it before
         iterating. `ConfigError` if it was saved from another dataset, stage, seed or shard count."""
-        epoch, position = check_state(state, self._source, self._session.fingerprint, self.seed)
+        epoch, position = check_state(state, self._source, self._session.fingerprint, self._reader)
         if self._source == "ring" and self.member is not None:
             position = 0  # a group on the ring starts together at an epoch's start, whatever was read
         self._resume_at = (epoch, position)
@@ -255,6 +264,8 @@ class DaliShareIterator:
             self._passes_read = epoch
 
     _source = property(lambda self: "cache" if self._session.cache is not None else "ring")
+    _reader = property(lambda self: reader(self.seed, self.member.world if self.member else 1,
+                                           self.drop_last and self._splits(self._session)))
 
     def close(self, failure: str = "") -> None:
         """Detach from the producer, stop the heartbeat, unmap the ring. Safe to call twice.
@@ -298,6 +309,9 @@ class DaliShareIterator:
         try:
             if (yield from self._hand_out(reader)):
                 self._progress.epoch_read(self.epoch)
+        except GeneratorExit:  # left (a break): the next pass is the next epoch, in the state too
+            self._progress.epoch_read(self.epoch)
+            raise
         finally:
             self._passes_read += 1
             session.epoch_done(self._passes_read)
@@ -366,7 +380,8 @@ class DaliShareIterator:
         one of the batch (or the one before), flagged as padding, so every rank still gets the same
         count. Returns whether it read the share to its end (not if the producer stopped first)."""
         session, marks, size = self._session, self._session.cache.marks, self.batch_size
-        stand_in = -1  # the last readable sample: a batch of excluded samples only repeats it
+        before = indices[:first][marks[indices[:first]] == Mark.VALID]  # resumed at ``first``: what came before
+        stand_in = int(before[-1]) if before.size else -1  # the last readable sample: an all-excluded batch repeats it
         next_check = time.monotonic() + PRODUCER_POLL_S
         for start in range(first, len(indices), size):
             chunk, flags = indices[start : start + size].copy(), padded[start : start + size].copy()

@@ -56,28 +56,46 @@ class Progress:
         return self._points[0]
 
 
-def make_state(progress: Progress, source: str, fingerprint: dict, seed: int | None, passes: int) -> dict:
+def same_data(fingerprint: dict, other: dict) -> bool:
+    """Whether two producers' fingerprints give positions the same meaning."""
+    return all(fingerprint.get(k) == other.get(k) for k in (*_SAME_DATA, "source"))
+
+
+def reader(seed: int | None, world: int, drop_last: bool) -> dict:
+    """What of the job itself a position depends on: its order (``seed=``) and its share of it (the
+    group's size, ``drop_last``)."""
+    return {"seed": seed, "group size": world, "drop_last": drop_last}
+
+
+def make_state(progress: Progress, source: str, fingerprint: dict, job: dict, passes: int) -> dict:
+    """``job``: `reader` of this job."""
     epoch, position = progress.saved()
-    return {"version": STATE_VERSION, "source": source, "epoch": epoch, "position": position, "seed": seed,
+    return {"version": STATE_VERSION, "source": source, "epoch": epoch, "position": position, "job": job,
             "passes": passes, "fingerprint": {k: fingerprint.get(k) for k in _SAME_DATA}}
 
 
-def check_state(state: dict, source: str, fingerprint: dict, seed: int | None) -> tuple[int, int]:
+def check_state(state: dict, source: str, fingerprint: dict, job: dict) -> tuple[int, int]:
     """The (epoch, position) to resume from, or `ConfigError` naming why ``state`` cannot apply here.
     Saved from the other source (a cache, now a ring, or back): the position means another order,
     so the job starts the saved epoch afresh (a cache) or follows the producer (the ring)."""
-    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+    keys = {"version", "source", "epoch", "position", "job", "passes", "fingerprint"}
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION or set(state) != keys \
+            or not all(isinstance(state[k], dict) for k in ("job", "fingerprint")) \
+            or not all(isinstance(state[k], int) for k in ("epoch", "position", "passes")):
         raise ConfigError(f"load_state_dict: not a dalishare iterator state of version {STATE_VERSION} "
-                          f"(got {type(state).__name__} with version {getattr(state, 'get', dict().get)('version')!r})")
+                          f"(got {type(state).__name__} with version {getattr(state, 'get', dict().get)('version')!r}): "
+                          f"pass what loader.state_dict() returned")
     saved = state["fingerprint"]
     for key in _SAME_DATA:
         if saved.get(key) != fingerprint.get(key):
             raise ConfigError(f"load_state_dict: the state was saved from a producer with another {key} "
                               f"({saved.get(key)!r}, now {fingerprint.get(key)!r}); a position in its epoch means "
                               f"nothing here: serve the same dataset, stage and --seed, or start without the state")
-    if state["seed"] != seed:
-        raise ConfigError(f"load_state_dict: the state was saved by a job with seed={state['seed']!r}, this one has "
-                          f"seed={seed!r}; its position is in that order: create the iterator with the same seed")
+    for key, value in job.items():
+        if state["job"].get(key) != value:
+            raise ConfigError(f"load_state_dict: the state was saved by a job with {key} {state['job'].get(key)!r}, "
+                              f"this one has {value!r}; its position is in that job's order or share: create the "
+                              f"iterator with the same seed=, group size and drop_last=")
     epoch, position = int(state["epoch"]), int(state["position"])
     if state["source"] != source:
         log.warning("the state was saved from the producer's %s, which now serves a %s: epoch %d starts afresh",

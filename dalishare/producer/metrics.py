@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from ..errors import ConfigError
+from ..intervals import METRICS_STOP_S
 from ..wire.messages import StatusReport
 
 log = logging.getLogger(__name__)
@@ -101,4 +102,4 @@ class MetricsExporter:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=METRICS_STOP_S)

@@ -607,7 +607,6 @@ class Producer:
         else:
             output = "ring" if ring is not None else ""
         pacers = self._slots.pacers() if ring is not None else set()
-        newest = max((s.batch.seq for s in self._slots.slots if s.batch is not None), default=-1) if ring else -1
         jobs = []
         for job in self._jobs:
             held = self._slots.held_by(job.id) if ring is not None else []
@@ -615,7 +614,8 @@ class Producer:
                 id=job.id, pid=job.pid, group=job.group, rank=job.rank, world=job.world, state=job.state.value,
                 batch_size=job.batch_size, epoch=job.epochs_read if cache is not None else epoch,
                 read=job.reads.total, images_per_s=float(job.reads.per_s(now)),
-                behind=max(0, newest - job.taken) if held else 0, holds=len(held), paces=job.id in pacers,
+                behind=len(self._slots.unread(job.id, job.taken)) if ring is not None else 0, holds=len(held),
+                paces=job.id in pacers,
                 attached_s=float(now - job.attached_at))))
         return StatusReport(
             version=PROTOCOL_VERSION, name=opts.name, pid=os.getpid(), phase=self.phase.value,

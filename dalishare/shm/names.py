@@ -158,11 +158,13 @@ def producer_names() -> list[str]:
 
 
 def is_served(name: str) -> bool:
-    """Whether a live producer holds ``name``'s lock."""
-    fd = try_lock(lock_path(name), create=False)
-    if fd is not None:
-        os.close(fd)
-    return fd is None and lock_path(name).exists()
+    """Whether a live producer holds ``name``'s lock, by the pid it wrote there. Without taking the
+    lock: a producer starting meanwhile must never find it held by us."""
+    try:
+        holder = lock_path(name).read_text().strip()
+    except FileNotFoundError:
+        return False
+    return not holder.isdigit() or pid_alive(int(holder))  # empty: one is writing its pid now
 
 
 def leftovers(name: str) -> list[str]:

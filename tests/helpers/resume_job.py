@@ -1,7 +1,8 @@
 """A job for the resume tests: attaches, loads a saved state if given one, and after each batch
 appends a line ``{"epoch", "indices", "state"}`` to its log (flushed and fsynced, so a SIGKILL leaves
 whole lines); runs ``passes`` passes. Spec (JSON argv[1]): name, log, batch_size, passes, sleep,
-state (a file with a saved state, optional)."""
+state (a file with a saved state, optional), hold (a path: after its first batch the job waits,
+holding it, until that file exists)."""
 
 import json
 import os
@@ -23,6 +24,10 @@ with DaliShareIterator(spec["name"], batch_size=spec["batch_size"], attach_timeo
                                   "state": loader.state_dict()}, default=str) + "\n")
             log.flush()
             os.fsync(log.fileno())
+            deadline = time.monotonic() + 120
+            while spec.get("hold") and not os.path.exists(spec["hold"]):
+                assert time.monotonic() < deadline, "never released"
+                time.sleep(0.01)
             time.sleep(spec.get("sleep", 0))
         log.write(json.dumps({"pass_end": loader.epoch, "state": loader.state_dict()}) + "\n")
         log.flush()

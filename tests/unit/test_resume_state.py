@@ -3,8 +3,9 @@
 import pytest
 
 from dalishare.errors import ConfigError
-from dalishare.job.resume import Progress, check_state, make_state
+from dalishare.job.resume import Progress, check_state, make_state, reader, same_data
 
+JOB = reader(seed=None, world=1, drop_last=False)
 FINGERPRINT = {"dataset": "ab12", "samples": 30, "stage": "cd34", "output": "[224, 224, 3] uint8", "seed": 0,
                "shards": 1, "source": "cache"}
 
@@ -38,21 +39,25 @@ def test_batches_taken_ahead_are_left_unread_in_the_state():
 def test_a_state_round_trips_and_is_refused_for_other_data_or_seed():
     progress = Progress(0)
     progress.begin(1, 12)
-    state = make_state(progress, "cache", FINGERPRINT, seed=None, passes=1)
-    assert check_state(state, "cache", FINGERPRINT, None) == (1, 12)
+    state = make_state(progress, "cache", FINGERPRINT, JOB, passes=1)
+    assert check_state(state, "cache", FINGERPRINT, JOB) == (1, 12)
     for key, value in (("dataset", "ffff"), ("stage", "eeee"), ("seed", 3), ("shards", 2), ("samples", 31)):
         with pytest.raises(ConfigError, match=f"another {key}"):
-            check_state(state, "cache", {**FINGERPRINT, key: value}, None)
-    with pytest.raises(ConfigError, match="seed=7"):
-        check_state(state, "cache", FINGERPRINT, 7)
-    with pytest.raises(ConfigError, match="version"):
-        check_state({**state, "version": 99}, "cache", FINGERPRINT, None)
-    with pytest.raises(ConfigError, match="not a dalishare"):
-        check_state([1, 2], "cache", FINGERPRINT, None)
+            check_state(state, "cache", {**FINGERPRINT, key: value}, JOB)
+    # the job's own order and share: a position in a rank's share means nothing to a lone job
+    for other, what in ((reader(7, 1, False), "seed 7"), (reader(None, 2, False), "group size 2"),
+                        (reader(None, 1, True), "drop_last True")):
+        with pytest.raises(ConfigError, match=f"this one has {what.split()[-1]}"):
+            check_state(state, "cache", FINGERPRINT, other)
+    for bad in ({**state, "version": 99}, [1, 2], {k: v for k, v in state.items() if k != "fingerprint"},
+                {**state, "position": "12"}):
+        with pytest.raises(ConfigError, match="not a dalishare iterator state"):
+            check_state(bad, "cache", FINGERPRINT, JOB)
 
 
 def test_a_state_from_the_other_source_keeps_only_its_epoch():
     progress = Progress(0)
     progress.begin(4, 20)
-    state = make_state(progress, "ring", FINGERPRINT, seed=None, passes=0)
-    assert check_state(state, "cache", FINGERPRINT, None) == (4, 0)
+    state = make_state(progress, "ring", FINGERPRINT, JOB, passes=0)
+    assert check_state(state, "cache", FINGERPRINT, JOB) == (4, 0)
+    assert same_data(FINGERPRINT, dict(FINGERPRINT)) and not same_data(FINGERPRINT, {**FINGERPRINT, "source": "ring"})
