@@ -254,7 +254,8 @@ class DaliShareIterator:
 
     def load_state_dict(self, state: dict) -> None:
         """Go on from ``state`` (from `state_dict`, in an earlier run of this job): call it before
-        iterating. `ConfigError` if it was saved from another dataset, stage, seed or shard count."""
+        iterating. `ConfigError` if it was saved from another dataset, stage, --seed or shard count, or by
+        a job with another seed=, group size or drop_last=."""
         epoch, position = check_state(state, self._source, self._session.fingerprint, self._reader)
         if self._source == "ring" and self.member is not None:
             position = 0  # a group on the ring starts together at an epoch's start, whatever was read
@@ -300,14 +301,14 @@ class DaliShareIterator:
         if self._splits(session):
             indices, padded = self._my_share(session, self.epoch)
             start = self._resume_position(len(indices))
-            reader = self._shared_batches(indices, padded, start)
+            batches = self._shared_batches(indices, padded, start)
         else:
             order = epoch_order(session.cache.layout.samples, self._order_seed(session), self.epoch)
             start = self._resume_position(len(order))
-            reader = self._cached_batches(order, start)
+            batches = self._cached_batches(order, start)
         self._progress.begin(self.epoch, start)
         try:
-            if (yield from self._hand_out(reader)):
+            if (yield from self._hand_out(batches)):
                 self._progress.epoch_read(self.epoch)
         except GeneratorExit:  # left (a break): the next pass is the next epoch, in the state too
             self._progress.epoch_read(self.epoch)
@@ -329,13 +330,13 @@ class DaliShareIterator:
         (epoch, position), self._resume_at = self._resume_at, None
         return position if epoch == self.epoch and position < length else 0
 
-    def _hand_out(self, reader):
-        """Yield the batches of a pass from ``reader`` (``(indices, padded, position)`` items; it
+    def _hand_out(self, batches):
+        """Yield the batches of a pass from ``batches`` (``(indices, padded, position)`` items; it
         returns whether it read its order to the end), recording each position; return that."""
         session, cache = self._session, self._session.cache
         while True:
             try:
-                indices, padded, position = next(reader)
+                indices, padded, position = next(batches)
             except StopIteration as end:
                 return end.value
             labels = torch.from_numpy(cache.labels[indices].astype(np.int64))
