@@ -45,13 +45,13 @@ def query(name: str, timeout: float = STATUS_TIMEOUT_S) -> StatusReport | str:
 
 
 def gather(name: str | None = None) -> list[dict]:
-    """One entry per producer name: {"name", "state": serving | unresponsive | dead, "report" (a dict
-    or None), "problem", "leftovers"}."""
+    """One entry per producer name: {"name", "state": serving | unresponsive | dead (it left files) |
+    absent (asked by name, nothing there), "report" (a dict or None), "problem", "leftovers"}."""
     entries = []
     for each in [names.check_name(name)] if name else names.producer_names():
         if not names.is_served(each):
             left = names.leftovers(each)
-            entries.append({"name": each, "state": "dead", "report": None, "leftovers": left,
+            entries.append({"name": each, "state": "dead" if left else "absent", "report": None, "leftovers": left,
                             "problem": "no producer runs under this name" + (
                                 f"; it left {len(left)} files: run `dalishare cleanup --name {each}`" if left else "")})
             continue
