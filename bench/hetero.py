@@ -101,14 +101,20 @@ def fill_rate(log: str) -> float:
 
 
 def build_dataset(root: Path, copies: int) -> Path:
-    """The hymenoptera photos (train and val) ``copies`` times in one class-folder tree, else generated."""
+    """The hymenoptera photos (train and val) ``copies`` times in one class-folder tree (JPEGs only:
+    the folders also hold a .gif), else generated JPEGs (said on stdout)."""
     data = root / "data"
     if not HYMENOPTERA.is_dir():
         from dalishare.testing import PATTERNS
 
-        return make_image_folder(data, {p: 1024 // len(PATTERNS) for p in PATTERNS})
+        per_class = 1024 // len(PATTERNS)
+        print(f"{HYMENOPTERA} not found: generating {per_class * len(PATTERNS)} JPEGs instead (pass --data DIR "
+              f"for real photos)", flush=True)
+        return make_image_folder(data, {p: per_class for p in PATTERNS})
     for split in ("train", "val"):
         for src in sorted((HYMENOPTERA / split).glob("*/*")):
+            if src.suffix.lower() not in (".jpg", ".jpeg"):
+                continue
             for k in range(copies):
                 dst = data / src.parent.name / f"{split}-{k}-{src.name}"
                 dst.parent.mkdir(parents=True, exist_ok=True)

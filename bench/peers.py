@@ -40,7 +40,6 @@ import io
 import logging
 import os
 import resource
-import shutil
 import socket
 import tempfile
 import threading
@@ -53,11 +52,11 @@ from pathlib import Path
 import psutil
 
 from dalishare.producer.dataset import scan
-from dalishare.testing import PATTERNS, ProducerProcess, make_image_folder, run_each
+from dalishare.testing import ProducerProcess, run_each
+from hetero import HYMENOPTERA, build_dataset  # the same photos as the other benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "pipelines" / "resnet.py"
-HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera"
 RESULTS = ROOT / "bench" / "results"
 BATCH = 64
 RESIZE, CROP = 256, 224
@@ -67,26 +66,6 @@ VARIANTS = ("dataloader", "tensorsocket", "dalishare-memory", "dalishare-off")
 
 
 # ---------------------------------------------------------------- the dataset and the per-sample work
-
-
-def build_dataset(root: Path, copies: int) -> tuple[Path, str]:
-    """The hymenoptera photos (train and val) ``copies`` times in one class-folder tree (JPEGs only:
-    the folders also hold a .gif), else generated JPEGs; the folder and what it holds, in words."""
-    data = root / "data"
-    if not HYMENOPTERA.is_dir():
-        per_class = 1024 // len(PATTERNS)
-        print(f"{HYMENOPTERA} not found: generating {per_class * len(PATTERNS)} JPEGs instead (pass --data DIR "
-              f"for real photos)", flush=True)
-        return make_image_folder(data, {p: per_class for p in PATTERNS}), "generated JPEGs"
-    for split in ("train", "val"):
-        for src in sorted((HYMENOPTERA / split).glob("*/*")):
-            if src.suffix.lower() not in (".jpg", ".jpeg"):
-                continue
-            for k in range(copies):
-                dst = data / src.parent.name / f"{split}-{k}-{src.name}"
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
-    return data, f"hymenoptera train+val JPEGs x{copies}"
 
 
 def limit_dataset(data: Path, limit: int, root: Path) -> Path:
@@ -561,7 +540,11 @@ def main() -> None:
     resource_tracker.ensure_running()  # started now, so no variant counts it as its own
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="dalishare-peers-") as tmp:
-        data, source = (Path(args.data), args.data) if args.data else build_dataset(Path(tmp), args.copies)
+        if args.data:
+            data, source = Path(args.data), args.data
+        else:
+            data = build_dataset(Path(tmp), args.copies)
+            source = f"hymenoptera train+val JPEGs x{args.copies}" if HYMENOPTERA.is_dir() else "generated JPEGs"
         if args.limit:
             data = limit_dataset(data, args.limit, Path(tmp))
         expected = scan(data).labels.tolist()
