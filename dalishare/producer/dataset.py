@@ -4,12 +4,14 @@ is wire/order.py)."""
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DatasetError
+from ..shm.cache import listing_digests
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +61,28 @@ def scan(root: str | Path) -> Dataset:
         raise DatasetError(f"no images found in {root}: expected class folders holding image files "
                            f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return Dataset(root, classes, files, np.asarray(labels, dtype=np.int64))
+
+
+class ScanThread:
+    """The dataset scan, in a thread so the loop answers jobs meanwhile (a big folder takes a while).
+    Daemonic: a producer stopped during the scan does not wait for it."""
+
+    def __init__(self, data: Path):
+        self._result: tuple[Dataset, bytes, bytes] | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(data,), name="dalishare-scan", daemon=True)
+        self._thread.start()
+
+    def _run(self, data: Path) -> None:
+        try:  # the listing digest (a stat per file) keys a cache and tells ranks' datasets apart
+            dataset = scan(data)
+            self._result = (dataset, *listing_digests(dataset.root, dataset.files))
+        except BaseException as exc:  # handed to the loop, which raises it
+            self._result = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> tuple[Dataset, bytes, bytes]:
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result

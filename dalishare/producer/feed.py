@@ -36,6 +36,9 @@ class EpochFeed:
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
         self.dataset, self.batch_size, self.seed, self.shard = dataset, batch_size, seed, shard
         self.excluded: dict[int, str] = {}  # sample index -> why DALI cannot decode it
+        # (epoch, position) up to which plans are one file each, after a failure that no single file
+        # explained (two files that only fail together); None: whole batches
+        self._careful_until: tuple[int, int] | None = None
         self._start_epoch(0)
 
     @property
@@ -75,16 +78,25 @@ class EpochFeed:
         """(epoch, position in its order) of the next plan's first sample."""
         return (self._epoch, self._pos)
 
+    def careful(self) -> bool:
+        """The next plan re-makes a lost batch one file at a time (send it alone)."""
+        return self._careful_until is not None
+
     def next_plan(self, limit: int | None = None) -> Plan:
-        """The next batch: ``batch_size`` samples, or ``limit`` (fewer), or the rest of the epoch."""
+        """The next batch: ``batch_size`` samples, or ``limit`` (fewer), or the rest of the epoch;
+        one sample while `careful`."""
         if self._pos == len(self._order):
             self._start_epoch(self._epoch + 1)
+        if self._careful_until is not None:
+            limit = 1
         rows = slice(self._pos, self._pos + min(self.batch_size, limit or self.batch_size))
         indices = self._order[rows]
         last = self._pos + len(indices) == len(self._order)
         plan = Plan(self._epoch, self._pos, indices, self.dataset.labels[indices], last, self._order,
                     self._padded[rows], self._padded)
         self._pos += len(indices)
+        if self._careful_until is not None and self.position() >= self._careful_until:
+            self._careful_until = None
         return plan
 
     def skip_rest_of_epoch(self) -> None:
@@ -94,6 +106,16 @@ class EpochFeed:
 
     def exclude(self, index: int, reason: str) -> None:
         self.excluded[index] = reason
+
+    def redo(self, lost: list[Plan], careful: bool) -> None:
+        """Feed again from the oldest of the ``lost`` plans (its worker went with them); ``careful``:
+        no file explained the loss, so up to the end of the newest they are re-made one file each."""
+        if not lost:
+            return
+        self.rewind(lost[0])
+        if careful:
+            end = (lost[-1].epoch, lost[-1].start + len(lost[-1].indices))
+            self._careful_until = max(self._careful_until or end, end)
 
     def rewind(self, plan: Plan) -> None:
         """Feed again from the start of ``plan`` (which failed), without the excluded samples."""

@@ -1,6 +1,6 @@
-"""The producer's side of its stage processes: one worker that fills ring slots, the probes that
-find the files that broke it, restarts. Never runs DALI itself and never blocks: the serve loop
-calls `poll()` each pass and sleeps on `links()` with its control socket. The message sequence is
+"""The producer's side of its stage processes: one worker that decodes into ring slots or cache
+rows, the probes that find the files that broke it, restarts. Never runs DALI itself and never
+blocks: the serve loop calls `poll()` each pass and sleeps on `links()` with its control socket. The message sequence is
 NOTE [ Stage worker protocol ] in wire/stage.py.
 """
 
@@ -246,12 +246,19 @@ class StageSupervisor:
         """The plans of the tasks in flight (with the worker, or lost with it), oldest first."""
         return [t.plan for t in (self._worker.tasks if self._worker else [])] + [t.plan for t in self._lost]
 
-    def submit(self, seq: int, slot: int, indices: list[int], plan, careful: bool = False,
-               rows: bool = False) -> None:
-        """Send the worker a task. ``rows``: write the samples to their cache rows. ``careful``: one
-        file, re-made after a failure no file explained; if it fails the worker, that file is blamed
-        even if it decodes alone."""
-        task = Task(seq, slot, [str(self.files[i]) for i in indices], list(indices) if rows else [])
+    def submit_batch(self, seq: int, slot: int, plan, careful: bool = False) -> None:
+        """Send the worker task ``seq``: decode ``plan``'s samples into ring slot ``slot`` (-1: the
+        first batch, measured and written nowhere). ``careful``: one file, re-made after a failure no
+        file explained; if it fails the worker, that file is blamed even if it decodes alone."""
+        self._send(seq, slot, plan.indices.tolist(), plan, careful, to_rows=False)
+
+    def submit_rows(self, seq: int, rows: list[int], careful: bool = False) -> None:
+        """Send the worker task ``seq``: decode samples ``rows`` into their rows of the cache
+        (``careful`` as for `submit_batch`). `Done.done.plan` is ``rows``."""
+        self._send(seq, -1, rows, rows, careful, to_rows=True)
+
+    def _send(self, seq: int, slot: int, indices: list[int], plan, careful: bool, to_rows: bool) -> None:
+        task = Task(seq, slot, [str(self.files[i]) for i in indices], list(indices) if to_rows else [])
         if not self._worker.tasks:
             self._worker.process.heard = time.monotonic()  # idle until now: the stage timeout starts here
         self._worker.tasks.append(InFlight(task, list(indices), plan, careful))

@@ -10,7 +10,8 @@ Anyone -> producer: StatusQuery; producer -> asker: StatusReport (or Reject).
 
 NOTE [ Control protocol ]
 =========================
-Cited from the loops that implement it: the producer's (producer/server.py) and the job's
+Cited from the loops that implement it: the producer's (producer/server.py, and its modes in
+producer/ring_serving.py and cache_serving.py) and the job's
 (job/iterator.py, job/heartbeat.py). Every receive has a timeout and a liveness check behind it.
 
 - Attach. Job: ``Hello(pid, keep, version)``, then waits up to ``attach_timeout`` for an answer.
@@ -115,6 +116,11 @@ class Starting:
 @dataclass(frozen=True)
 class Reject:
     reason: str
+
+    @classmethod
+    def other_version(cls, version: int, fix: str) -> "Reject":
+        """To a hello or query of another protocol version; ``fix`` says what to install."""
+        return cls(f"protocol version {version} is not the producer's {PROTOCOL_VERSION}: {fix}")
 
 
 @dataclass(frozen=True)
