@@ -158,7 +158,7 @@ def print_report(args, tmp: Path, jobs: list[dict], code: int, rss_warm, rss_end
     """``text``: the producer's log."""
     from dalishare.producer.dataset import scan
 
-    served = re.search(r"(\d+) batches served, \d+ samples decoded, (\d+) stage worker restarts, (\d+) control messages "
+    served = re.search(r"(\d+) batches announced, \d+ samples decoded, (\d+) stage worker restarts, (\d+) control messages "
                        r"dropped", text)
     excluded = set(re.findall(r"excluded (\S+) \(sample (\d+)\)", text))
     decodable = set(range(len(scan(tmp / "data")))) - {int(i) for _, i in excluded}

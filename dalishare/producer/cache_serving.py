@@ -17,7 +17,7 @@ from .filling import CacheFill, ServedCache, disk_cache_path
 from .jobs import Job
 from .serving import Context, Serving, describe_sample
 from .stage import parse_device
-from .supervisor import Done, Lost
+from .supervisor import Done, Lost, StageSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +27,21 @@ class CacheServing(Serving):
 
     source = "cache"
 
-    def __init__(self, ctx: Context, choice: CacheChoice, layout: CacheLayout, excluded: dict[int, str]):
+    def __init__(self, ctx: Context, choice: CacheChoice, layout: CacheLayout, excluded: dict[int, str],
+                 stage: StageSupervisor | None):
         opts, dataset = ctx.options, ctx.dataset
-        self.ctx, self.mode = ctx, choice.mode
+        self.ctx, self.mode, self.stage = ctx, choice.mode, stage  # stage: the measuring worker, or None
         path = disk_cache_path(choice.folder, ctx.data, ctx.pipeline_file) if choice.mode is CacheMode.DISK \
             else ServedCache.memory_path(opts.name)
         self.cache = ServedCache(choice.mode, path, layout, dataset.labels, opts.name, parse_device(opts.device))
         self.shape, self.dtype = list(layout.sample_shape), np.dtype(layout.dtype)
         self.store = store = self.cache.store
-        store.mark(list(excluded), Mark.EXCLUDED)  # found while measuring
-        self.fill = CacheFill(store.marks, _fill_order(len(dataset), opts.seed, opts.shard_of))
+        try:
+            store.mark(list(excluded), Mark.EXCLUDED)  # found while measuring
+            self.fill = CacheFill(store.marks, _fill_order(len(dataset), opts.seed, opts.shard_of))
+        except BaseException:  # the loop registers close() only once this returns
+            self.cache.close()
+            raise
         self.started = False   # a first fill task went out: --min-consumers no longer applies
         self.fill_started: float | None = None  # when (for the log)
         self.tasks_filled = 0  # fill tasks done
@@ -49,14 +54,14 @@ class CacheServing(Serving):
     def begin(self) -> None:
         """Give the worker the cache to fill (starting one), or end it if nothing is missing."""
         if self.fill.pending():
-            self.stage = self.ctx.start_stage()
+            self.stage = self.stage or self.ctx.start_stage()
             self.stage.map_cache(self.cache.wire())
         else:
             self._stop_stage("the cache is full")
 
     # -- the stage: fill as fast as it goes, once --min-consumers came ------------------------------
 
-    def careful(self) -> bool:
+    def alone(self) -> bool:
         return self.fill.careful()
 
     def wants_task(self) -> bool:
@@ -75,7 +80,7 @@ class CacheServing(Serving):
         self.ctx.decoded += len(rows)
         self._stop_if_full()
 
-    def on_lost(self, event: Lost) -> None:
+    def redo(self, event: Lost) -> None:
         """Excluded rows are never cached; the other rows of the lost tasks are decoded again first."""
         self.store.mark(list(event.culprits), Mark.EXCLUDED)
         rows = [i for lost in event.tasks for i in lost.plan if i not in event.culprits]

@@ -118,6 +118,11 @@ class JobRegistry:
     def heard_from(self, job: Job, now: float) -> None:
         job.last_seen, job.silent = now, False
 
+    def reported(self, job: Job, taken: int, read: int, now: float) -> None:
+        """Its heartbeat: the newest batch it has begun, and the samples it has read in all."""
+        job.taken = max(job.taken, taken)
+        job.reads.update(read, now)
+
     def progressed(self, job: Job, now: float) -> None:
         job.last_progress = now
 

@@ -45,7 +45,7 @@ def reopen_disk_cache(ctx: Context) -> CacheServing | None:
         return None
     choice = CacheChoice(CacheMode.DISK, f"reusing the cache of this dataset and stage in {folder}", folder)
     log.info("%r: %s", ctx.options.name, choice.reason)
-    return CacheServing(ctx, choice, layout, excluded={})
+    return CacheServing(ctx, choice, layout, excluded={}, stage=None)
 
 
 def open_output(ctx: Context, feed: EpochFeed, stage: StageSupervisor, shape: list, dtype: np.dtype) -> Serving:
@@ -63,7 +63,7 @@ def open_output(ctx: Context, feed: EpochFeed, stage: StageSupervisor, shape: li
         key = cache_key(ctx.listing, ctx.pipeline_file, shape, dtype.name, dali_version(), decoder(opts))
         layout = CacheLayout(key, len(ctx.dataset), shape, dtype.name, rows_in_file=choice.mode is not CacheMode.GPU)
         try:
-            return CacheServing(ctx, choice, layout, excluded=feed.excluded)
+            return CacheServing(ctx, choice, layout, excluded=feed.excluded, stage=stage)
         except ConfigError:
             raise
         except Exception as exc:  # no room on the disk, in /dev/shm or on the GPU (ENOSPC, out of memory)

@@ -19,7 +19,7 @@ from ..shm import RingKind, create_ring
 from ..wire.messages import Batch, Suspended
 from .feed import EpochFeed, Plan
 from .jobs import Job, JobState
-from .serving import Context, Serving, describe_sample, exclude_and_redo
+from .serving import Context, Serving, describe_sample, redo_in_feed
 from .slots import SlotTable
 from .stage import parse_device
 from .supervisor import Done, Lost, StageSupervisor
@@ -47,7 +47,7 @@ class RingServing(Serving):
 
     # -- the stage ------------------------------------------------------------------------------
 
-    def careful(self) -> bool:
+    def alone(self) -> bool:
         return self.feed.careful()
 
     def _last_epoch_fed(self) -> bool:
@@ -97,11 +97,11 @@ class RingServing(Serving):
                      labels=plan.labels.astype("<i8").tobytes(), indices=plan.indices.astype("<i8").tobytes(),
                      padded=plan.padded.astype(np.uint8).tobytes() if plan.padded.any() else b"", sent_ns=0)
 
-    def on_lost(self, event: Lost) -> None:
+    def redo(self, event: Lost) -> None:
         for lost in event.tasks:
             if lost.task.slot >= 0:
                 self.slots.unreserve(lost.task.slot)
-        exclude_and_redo(self.feed, event)
+        redo_in_feed(self.feed, event)
 
     def excluded(self) -> int:
         return len(self.feed.excluded)

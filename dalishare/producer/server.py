@@ -49,7 +49,7 @@ from ..intervals import (DEAD_JOB_DRAIN_MS, DEVICE_FREE_GRACE_S, IDLE_POLL_MS, R
 from ..shm import names
 from ..wire.channel import ProducerChannel
 from ..wire.messages import (PROTOCOL_VERSION, Bye, EpochDone, GroupLost, Heartbeat, Hello, JobStatus, Reject,
-                             Release, Resume, StatusQuery, StatusReport, Stop, StopKind, Welcome)
+                             Release, Resume, StatusQuery, StatusReport, Stop, Welcome)
 from .dataset import Dataset, ScanThread
 from .filling import fingerprint
 from .jobs import Job, JobRegistry
@@ -82,8 +82,8 @@ class Producer:
         self.options = options or ServeOptions()
         self.options.check()
         self.pipeline_file, self.data = Path(pipeline_file), Path(data)
-        self.stop_reason: str | None = None  # set once, by stop() or at the end of --epochs: the loop ends when it is
-        self._stop_kind = StopKind.STOPPED   # what the farewell Stop says, set with stop_reason
+        self.stop_reason: str | None = None  # set once, by stop(): the loop ends when it is
+        self._stop_as = Stop.stopped  # the farewell's constructor: Stop.finished once --epochs are read
         self.failure: str | None = None  # set when serve() ends with an exception
         self.on_teardown: Callable[[], None] = lambda: None  # called once the loop ends, before the teardown
         # called with a fresh status() every STATUS_LIVE_REFRESH_S by the loop (serve's line, metrics)
@@ -99,7 +99,7 @@ class Producer:
         self._fingerprint: dict = {}  # what the ranks of a group compare (filling.fingerprint); set on SERVING
         self._told_jobs = False  # the farewell Stop went out
         self._started_at = time.monotonic()
-        self._decoded = Rate()  # samples_decoded over time, for status
+        self._decoded = Rate()  # Context.decoded over time, for status
         self._scan: ScanThread | None = None
         # the messages anyone may send, and those of an attached job, by type: NOTE [ Control protocol ]
         self._anyone_handlers: dict[type, Callable[[bytes, object], None]] = {
@@ -108,7 +108,7 @@ class Producer:
                 PROTOCOL_VERSION else Reject.other_version(query.version, "use the dalishare version of the producer"))}
         self._job_handlers: dict[type, Callable[[Job, object], None]] = {
             Release: lambda job, msg: self.serving.on_release(job, msg.seq),
-            Heartbeat: self._on_heartbeat,
+            Heartbeat: lambda job, msg: self._jobs.reported(job, msg.taken, msg.read, time.monotonic()),
             Resume: lambda job, msg: self.serving.on_resume(job, msg.after_seq),
             EpochDone: self._on_epoch_done,
             Bye: lambda job, msg: self._detach(job, f"left: {msg.reason}", lost=msg.failed),
@@ -154,7 +154,7 @@ class Producer:
             return
         self._told_jobs = True
         reason = self.failure or self.stop_reason or "producer stopped"
-        stop = Stop.failed(reason) if self.failure else Stop(reason, self._stop_kind.value)
+        stop = Stop.failed(reason) if self.failure else self._stop_as(reason)
         self._lobby.tell(stop)
         for job in self._jobs:
             self._send(job, stop)
@@ -177,7 +177,7 @@ class Producer:
                 self._start(*self._scan.result())
             if self._supervisor is not None:
                 for event in self._supervisor.poll(now):
-                    self._on_filled(event) if isinstance(event, Done) else self.serving.lost(event)
+                    self._on_filled(event) if isinstance(event, Done) else self.serving.on_lost(event)
             if now >= next_reap:
                 self._reap()
                 next_reap = now + REAP_INTERVAL_S
@@ -187,7 +187,9 @@ class Producer:
             while self.serving.can_submit():
                 self.serving.submit()
             if self.serving.done() and all(self.serving.finished_with(job) for job in self._jobs):
-                self.stop_reason, self._stop_kind = f"finished {self.options.epochs} epochs", StopKind.FINISHED
+                reason = f"finished {self.options.epochs} epochs"
+                self.stop(reason)
+                self._stop_as = Stop.finished if self.stop_reason is reason else self._stop_as  # not after a signal
         report = self.status()
         log.info("stopping %r: %s (%s, %d samples decoded, %d stage worker restarts, %d control messages "
                  "dropped)", self.options.name, self.stop_reason, self.serving.summary(), report.decoded,
@@ -232,9 +234,9 @@ class Producer:
         resources, opts, dataset = self._resources, self.options, self._ctx.dataset
         resources.callback(output.close)
         resources.callback(self._stop_stage, "the producer stops")  # before the output is freed
-        resources.callback(self._tell_jobs)  # before the worker is stopped and the output freed
         self.serving = output
-        output.begin()
+        output.begin()  # may start the stage worker (a DIR cache with rows missing): registered after
+        resources.callback(self._tell_jobs)  # first of all: before the worker is stopped and the output freed
         welcome = output.welcome()
         self._fingerprint = fingerprint(self._ctx.identity, self.pipeline_file, opts, len(dataset),
                                         welcome["sample_shape"], welcome["dtype"], output.source)
@@ -266,17 +268,13 @@ class Producer:
 
     def _from_job(self, msg) -> None:
         job = self._jobs.get(getattr(msg, "job_id", -1))
-        handler = self._job_handlers.get(type(msg))
-        if job is None or handler is None:
-            self._channel.drop(f"{type(msg).__name__} for unknown job" if job is None else
-                               f"unexpected {type(msg).__name__} from job {job.id}")
+        if job is None:
+            self._channel.drop(f"{type(msg).__name__} for unknown job")
             return
-        self._jobs.heard_from(job, time.monotonic())
-        handler(job, msg)
-
-    def _on_heartbeat(self, job: Job, msg: Heartbeat) -> None:
-        job.taken = max(job.taken, msg.taken)
-        job.reads.update(msg.read, time.monotonic())
+        self._jobs.heard_from(job, time.monotonic())  # any message proves life
+        handler = self._job_handlers.get(type(msg))
+        handler(job, msg) if handler is not None else self._channel.drop(
+            f"unexpected {type(msg).__name__} from job {job.id}")
 
     def _on_epoch_done(self, job: Job, msg: EpochDone) -> None:
         job.epochs_read = max(job.epochs_read, msg.epochs)
@@ -336,8 +334,9 @@ class Producer:
 
     def _reap(self) -> None:
         """Act on the registry's decisions: detach the dead, suspend stallers (the mode's policy),
-        probe the silent. Every message already sent is taken in first, so the decisions see one
-        registry, and no attach or detach runs in the middle of them.
+        probe the silent. Every message already sent is taken in first and the dead are detached
+        before stalls are judged (their slots are free then), so no message is received in the
+        middle of these decisions.
 
         A job silent for ``heartbeat_timeout`` is probed with a heartbeat of ours: if its socket is
         closed the send fails and it is detached. A job whose process and socket live on (stopped,

@@ -5,8 +5,10 @@ everything that depends on ring or cache, through the interface of `Serving`; gr
 the modes' parameters, not branches of the loop.
 
 Each mode is driven by the loop only: it never receives messages itself (the loop's dispatch table
-hands it releases, resumes and finished epochs), so no attach or detach runs in the middle of its
-decisions.
+hands it releases, resumes and finished epochs), so no message is taken in while it decides; the one
+way a job leaves meanwhile is a send that fails (``ctx.send`` detaches it at once, and with it the
+other ranks of its group), which is why a mode checks a job is still registered before it records
+a hold for it.
 """
 
 from __future__ import annotations
@@ -54,15 +56,15 @@ class Serving:
     is scanning the dataset). Subclasses override what their mode does.
 
     Once: `begin` (after the loop registered its teardown). Per loop pass: `can_submit`/`submit`
-    (hand the stage worker a task), `on_filled`/`lost` (its answers), `reap` (the mode's liveness
-    policy: stalls). Per job: `attach` (after its
-    ``Welcome``), `on_release`, `on_resume`, `forget` (it left). End: `done`, `finished_with`,
-    `readers` (who may still read device memory), `close`. Status: `report`, `job_report`."""
+    (hand the stage worker a task), `on_filled`/`on_lost` (its answers), `reap` (the mode's liveness
+    policy: stalls). Per job: `initial_state` and `welcome` (its ``Welcome``), `attach` (after it),
+    `on_release`, `on_resume`, `on_epoch_done`, `forget` (it left). End: `done`, `finished_with`,
+    `readers` (who may still read device memory), `summary`, `close`. Status: `report`, `job_report`."""
 
     ctx: Context  # set by every mode that serves
     source = ""  # "ring" or "cache": what positions in an epoch refer to (a job's resume state, the fingerprint)
     stage: StageSupervisor | None = None  # None: no worker (a full DIR cache)
-    shape: list = []          # each sample's shape and dtype, once known: the stage must keep them
+    shape: list | None = None  # each sample's shape and dtype, once known: the stage must keep them
     dtype = np.dtype("uint8")
     where = ""                # where the output lives, for the log
 
@@ -72,17 +74,18 @@ class Serving:
     # -- the stage ------------------------------------------------------------------------------
 
     def can_submit(self) -> bool:
-        """Whether to hand the worker a task now. One rule for every mode: while the next task
-        re-makes lost work one file at a time (`careful`), only one is in flight."""
+        """Whether to hand the worker a task now. One rule for every mode: a task that must go
+        `alone` waits until none is in flight."""
         stage = self.stage
         if stage is None or stage.room() <= 0:
             return False
-        if self.careful() and stage.in_flight():
+        if self.alone() and stage.in_flight():
             return False
         return self.wants_task()
 
-    def careful(self) -> bool:
-        """The next task must go alone (a careful re-make, or the measured first batch)."""
+    def alone(self) -> bool:
+        """The next task must be the only one in flight: a careful re-make (lost work made again one
+        file per task, so a failure blames its file), or the measured first batch."""
         return False
 
     def wants_task(self) -> bool:
@@ -94,17 +97,17 @@ class Serving:
     def on_filled(self, event: Done) -> None:
         raise NotImplementedError
 
-    def lost(self, event: Lost) -> None:
-        """The worker went with ``event.tasks``: say which files the probes blamed, then `on_lost`."""
+    def on_lost(self, event: Lost) -> None:
+        """The worker went with ``event.tasks``: say which files the probes blamed, and `redo`."""
         files = self.ctx.dataset.files
         for index, reason in event.culprits.items():
             log.warning("excluded %s (sample %d): %s", files[index], index, reason)
-        self.on_lost(event)
+        self.redo(event)
         if event.culprits:
             log.warning("%d of %d files excluded so far because they cannot be decoded", self.excluded(), len(files))
 
-    def on_lost(self, event: Lost) -> None:
-        """Exclude the culprits; make the lost tasks' samples again."""
+    def redo(self, event: Lost) -> None:
+        """Exclude the culprits; make the lost tasks' samples again (carefully if none was blamed)."""
         raise NotImplementedError
 
     def excluded(self) -> int:
@@ -185,27 +188,28 @@ class Measuring(Serving):
         self.ctx, self.stage = ctx, stage
         self.feed = EpochFeed(ctx.dataset, opts.batch_size, opts.seed, opts.shard_of)  # the ring's, once measured
 
-    def careful(self) -> bool:
+    def alone(self) -> bool:
         return True  # one task at a time: the one that measures
 
     def wants_task(self) -> bool:
         return True
 
     def submit(self) -> None:
-        self.stage.submit_batch(self.ctx.next_seq(), -1, self.feed.next_plan(), careful=self.feed.careful())
+        careful = self.feed.careful()  # before next_plan(), which leaves careful mode after the last such plan
+        self.stage.submit_batch(self.ctx.next_seq(), -1, self.feed.next_plan(), careful=careful)
 
     def on_filled(self, event: Done) -> None:
         self.feed.rewind(event.done.plan)  # served again, into a slot (or its rows)
         self.ctx.stateful = self.stage.stateful or []  # the worker said, with its first batch
 
-    def on_lost(self, event: Lost) -> None:
-        exclude_and_redo(self.feed, event)
+    def redo(self, event: Lost) -> None:
+        redo_in_feed(self.feed, event)
 
     def excluded(self) -> int:
         return len(self.feed.excluded)
 
 
-def exclude_and_redo(feed: EpochFeed, event: Lost) -> None:
+def redo_in_feed(feed: EpochFeed, event: Lost) -> None:
     """The worker went with ``event.tasks``: exclude the files the probes blamed, feed again from the
     oldest lost batch (the served samples keep their places); one file at a time up to the newest
     if no file explains it (maybe files together do)."""
