@@ -74,9 +74,11 @@ def no_leaks(monkeypatch):
     before = _segments()
     yield Path(rundir)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (_children() or _segments() - before or os.listdir(rundir)):
+    while True:
+        left = {"processes": _children(), "segments": sorted(_segments() - before), "runtime files": os.listdir(rundir)}
+        if not any(left.values()) or time.monotonic() >= deadline:
+            break
         time.sleep(0.1)
-    left = {"processes": _children(), "segments": sorted(_segments() - before), "runtime files": os.listdir(rundir)}
     os.rmdir(rundir) if not left["runtime files"] else None
     assert not any(left.values()), f"test left resources behind: {left}"
 

@@ -1,6 +1,5 @@
-"""A job's side of a producer's cache: its mapping (`CachedSamples`), and which samples make the next
-batch of a pass (`take`). Each pass is one epoch read at the job's own pace, in the producer's order
-or its own (``seed=``); the message sequence is NOTE [ Cache protocol ] in producer/filling.py.
+"""A job's mapping of a producer's cache (`CachedSamples`); how a job reads it is cache_reader.py
+(NOTE [ Cache protocol ] in producer/filling.py).
 """
 
 from __future__ import annotations
@@ -60,21 +59,3 @@ class CachedSamples:
         self.marks = self.labels = None
         self.view.close()
 
-
-def take(marks: np.ndarray, order: np.ndarray, pos: int, count: int) -> tuple[np.ndarray, int, int]:
-    """Up to ``count`` VALID samples of ``order`` from position ``pos`` on, skipping EXCLUDED ones and
-    stopping before the first MISSING one: (those samples, the position after them, that MISSING
-    sample's index or -1)."""
-    picked = []
-    got = 0
-    while got < count and pos < len(order):
-        chunk = order[pos : pos + count - got]
-        states = marks[chunk]
-        missing = np.flatnonzero(states == Mark.MISSING)
-        end = int(missing[0]) if missing.size else len(chunk)
-        ready = chunk[:end][states[:end] == Mark.VALID]
-        picked.append(ready)
-        got, pos = got + len(ready), pos + end
-        if missing.size:
-            return np.concatenate(picked), pos, int(chunk[end])
-    return (np.concatenate(picked) if picked else np.empty(0, dtype=np.int64)), pos, -1

@@ -2,6 +2,14 @@
 back (torchdata's Stateful convention: a plain dict that ``torch.save`` and Lightning checkpoints
 carry).
 
+The state follows torchdata's ``StatefulDataLoader``: it is the job's last pass at its position,
+whether that pass is still running or was left by ``break``. A job that reads some batches, breaks,
+saves its state and dies, and a job that loads it, together read the epoch once (a cache: exactly;
+the ring: as said below). Without ``load_state_dict`` a new pass of the same job (``iter()`` again)
+starts the next epoch, as it always has, and a pass left by a break still counts as one of the
+producer's ``--epochs`` (``EpochDone``) and in the state's ``passes``. Only a pass that read its
+epoch to the end moves the state on, to the next epoch's start.
+
 A position is (epoch, samples of that epoch's order behind the job). What it means depends on what
 the producer serves:
 
@@ -12,9 +20,8 @@ the producer serves:
   what was served while it was away is missed for that epoch; a later epoch starts as usual.
 
 A training loop that takes batches ahead of the step it runs (Lightning fetches one ahead when it
-cannot tell the loader's length) passes
-``taken_ahead``: the state then leaves those batches unread, so they are read again after a resume
-instead of lost.
+cannot tell the loader's length) passes ``taken_ahead``: the state then leaves those batches
+unread, so they are read again after a resume instead of lost.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ class Progress:
         self._points.append((epoch, position))
 
     def epoch_read(self, epoch: int) -> None:
-        """The pass of ``epoch`` ended (the loop learns it like a batch, through its fetcher)."""
+        """The pass of ``epoch`` read it to the end (the loop learns it like a batch, through its
+        fetcher). Not for a pass left by a break: its state stays where the job stopped."""
         self._points.append((epoch + 1, 0))
 
     def saved(self) -> tuple[int, int]:
@@ -61,14 +69,14 @@ def same_data(fingerprint: dict, other: dict) -> bool:
     return all(fingerprint.get(k) == other.get(k) for k in (*_SAME_DATA, "source"))
 
 
-def reader(seed: int | None, world: int, drop_last: bool) -> dict:
+def job_order(seed: int | None, world: int, drop_last: bool) -> dict:
     """What of the job itself a position depends on: its order (``seed=``) and its share of it (the
     group's size, ``drop_last``)."""
     return {"seed": seed, "group size": world, "drop_last": drop_last}
 
 
 def make_state(progress: Progress, source: str, fingerprint: dict, job: dict, passes: int) -> dict:
-    """``job``: `reader` of this job."""
+    """``job``: `job_order` of this job."""
     epoch, position = progress.saved()
     return {"version": STATE_VERSION, "source": source, "epoch": epoch, "position": position, "job": job,
             "passes": passes, "fingerprint": {k: fingerprint.get(k) for k in _SAME_DATA}}

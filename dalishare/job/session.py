@@ -1,6 +1,6 @@
-"""One attachment of a job to one producer: its channel, ring (or cache) mapping, releases,
-heartbeat, queue of announcements and place in the stream. A reconnect opens a new session; nothing
-is reset by hand.
+"""One attachment of a job to one producer: its channel, its reader (of the ring or the cache,
+chosen once from the ``Welcome``: `open_reader`), releases, heartbeat, queue of announcements and
+the producer's liveness. A reconnect opens a new session; nothing is reset by hand.
 
 The message sequence is NOTE [ Control protocol ] (wire/messages.py); when a slot may be given back
 is NOTE [ Slot ownership ] (shm/__init__.py) and keep.py.
@@ -16,24 +16,36 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..intervals import CACHE_POLL_S, STARTING_SILENCE_S, GPU_EVENT_POLL_MS, PRODUCER_POLL_S
-from ..errors import BatchHeldTooLong, GroupBroken, ProducerLost, ProducerNotFound, ProtocolError, SlotReused
+from ..intervals import STARTING_SILENCE_S, GPU_EVENT_POLL_MS, PRODUCER_POLL_S
+from ..errors import ConfigError, GroupBroken, ProducerLost, ProducerNotFound, ProtocolError
 from ..shm import RingLayout, attach_ring
 from ..shm import names
 from ..wire.channel import JobChannel
-from ..shm.cache import Mark
 from ..wire.messages import (Batch, Bye, EpochDone, GroupLost, Heartbeat, Hello, Reject, Release, Resume, Starting,
                              Stop, StopKind, Suspended, Welcome)
+from .cache_reader import CacheReader
 from .cached import CachedSamples
-from .group import Membership
 from .heartbeat import HeartbeatThread
 from .keep import KeepWindow
-from .rebatch import Rebatcher
+from .reading import ReadOptions, Reader
 from .releases import SlotReleases
-from .views import slot_tensors
+from .ring_reader import RingReader
 
 log = logging.getLogger(__name__)
 
+
+def open_reader(session: "Session", welcome: Welcome, options: ReadOptions) -> Reader:
+    """The reader for what the producer serves, chosen once. A ``Welcome`` with a cache: each job
+    reads whole epochs at its own pace, in the producer's order or its own (NOTE [ Cache protocol ],
+    producer/filling.py). Otherwise the ring: one stream, paced by the producer for all its jobs
+    (NOTE [ Slot ownership ], shm/__init__.py), so a job cannot have an order of its own."""
+    if welcome.cache:
+        return CacheReader(session, CachedSamples(welcome.cache), options)
+    if options.seed is not None:
+        raise ConfigError(f"seed={options.seed}: producer {session.name!r} streams one shared order through its "
+                          f"ring; a job's own order needs a producer with a cache (serve with --cache "
+                          f"memory, gpu or DIR), or drop seed=")
+    return RingReader(session, attach_ring(RingLayout.from_wire(welcome.ring)), options)
 
 
 @dataclass
@@ -48,15 +60,15 @@ class Counters:
 class Session:
     """Attached to the producer at ``endpoint``, or `ProducerNotFound` after ``timeout`` seconds."""
 
-    def __init__(self, name: str, endpoint: str, *, keep: int, batch_size: int | None, timeout: float,
-                 heartbeat_interval: float, counters: Counters, member: Membership | None = None):
-        self.name, self.endpoint, self.counters, self.member = name, endpoint, counters, member
+    def __init__(self, name: str, endpoint: str, options: ReadOptions, *, keep: int, timeout: float,
+                 heartbeat_interval: float, counters: Counters):
+        self.name, self.endpoint, self.counters, self.member = name, endpoint, counters, options.member
         self.group_lost: str | None = None  # set by the producer's GroupLost: a rank of our group is gone
         self.window = KeepWindow(keep)  # slots read and not given back yet
         self.pending: deque[Batch] = deque()  # announcements not yet begun, in seq order
-        self.taken = -1  # seq of the newest producer batch begun; sent in heartbeats
+        self.taken = -1  # seq of the newest producer batch begun (set by the ring reader); sent in heartbeats
         self.read = 0    # samples handed to the training loop in this session; sent in heartbeats (status)
-        self._asked_batch_size = batch_size or 0
+        self._asked_batch_size = options.batch_size or 0
         self.stop_reason: str | None = None   # set by the producer's Stop
         self.stop_kind: StopKind | None = None
         self.failure: str | None = None       # the producer's own error, when it stopped by failing
@@ -64,31 +76,22 @@ class Session:
         self.job_id: int | None = None
         self.releases: SlotReleases | None = None
         self.heartbeat: HeartbeatThread | None = None
-        self.ring = None
-        self.cache: CachedSamples | None = None  # set instead of the ring when the producer serves a cache
+        self.reader: Reader | None = None  # the ring's or the cache's, from the Welcome
         self.channel = JobChannel(endpoint)
         try:
             welcome = self._attach(timeout)
             self.job_id, self.producer_pid = welcome.job_id, welcome.producer_pid
             self.producer_started = names.process_start(welcome.producer_pid)
-            self.classes, self.samples_per_epoch = welcome.classes, welcome.epoch_size
+            self.classes = welcome.classes
+            self.samples_per_epoch = welcome.epoch_size  # as the Welcome said; the reader knows it since
             self.producer_batch_size = welcome.batch_size
-            self.rebatcher = Rebatcher(batch_size or welcome.batch_size)
             self.sample_shape = tuple(welcome.sample_shape)
             self.dtype = getattr(torch, welcome.dtype)
             self.producer_seed, self.producer_epochs = welcome.seed, welcome.epochs
             self.shard, self.fingerprint = tuple(welcome.shard), welcome.fingerprint
-            if welcome.cache:
-                self.cache = CachedSamples(welcome.cache)
-                self.slot_tensors, self.ring_device = [], self.cache.device
-            else:
-                self.ring = attach_ring(RingLayout.from_wire(welcome.ring))
-                self.slot_tensors, self.ring_device = slot_tensors(self.ring)
-            if self.ring is not None and self.ring.layout.slots < keep + 2:
-                log.warning("producer %r has %d slots: a job that uses keep=%d views at once needs %d; it will "
-                            "get BatchHeldTooLong if it does (serve with more --slots, or lower keep)", name,
-                            self.ring.layout.slots, keep, keep + 2)
-            gpu = self.ring_device if self.ring_device.type == "cuda" else None
+            self.reader = open_reader(self, welcome, options)
+            self.data_device = self.reader.device  # where the ring, or the cache, is
+            gpu = self.data_device if self.data_device.type == "cuda" else None
             self.releases = SlotReleases(self._release, gpu)
             self.heartbeat = HeartbeatThread(self.channel.sibling(endpoint), self.job_id, heartbeat_interval,
                                              taken=lambda: self.taken, read=lambda: self.read)
@@ -117,13 +120,8 @@ class Session:
                 self.channel.send(Bye(self.job_id, f"failed: {failure}" if failure else "closed", bool(failure)))
             self.channel.close()
             self.channel = None
-        if self.ring is not None:
-            self.slot_tensors = []
-            self.ring.close()
-            self.ring = None
-        if self.cache is not None:
-            self.cache.close()
-            self.cache = None
+        if self.reader is not None:  # kept: its figures (batch size, epoch size) stay readable
+            self.reader.close()
 
     def producer_alive(self) -> bool:
         return names.pid_alive(self.producer_pid, self.producer_started)
@@ -137,27 +135,6 @@ class Session:
 
     def _release(self, seq: int) -> None:
         self.channel.send(Release(self.job_id, seq))  # a gone producer is reported by the next wait
-
-    def begin_next(self, epoch: int, batch_timeout: float, reconnect: bool) -> Batch | None:
-        """Begin reading the next producer batch of ``epoch`` (waiting for it), or None when there is
-        none: the producer stopped, or the next batch is of another epoch."""
-        self.releases.wait_below(2, batch_timeout)  # at most one given-back slot still read by the GPU
-        self.receive_all()  # a Suspended message voids queued announcements: see it first
-        head = self.peek(batch_timeout, reconnect)
-        if head is None or head.epoch != epoch:
-            return None
-        msg = self.pending.popleft()
-        self.taken = msg.seq
-        missed = self.rebatcher.start(msg)
-        if missed:
-            self.counters.missed += missed
-            log.warning("job %d continues at epoch %d sample %d: it missed %d samples while suspended "
-                        "(%d in all)", self.job_id, msg.epoch, msg.start, missed, self.counters.missed)
-        self.samples_per_epoch, self.counters.excluded = msg.epoch_size, msg.excluded
-        if not self.ring.holds(msg.slot, msg.seq):  # voided by a Suspended still on its way
-            raise SlotReused(msg.count)
-        self.counters.handoff_ns.append(time.monotonic_ns() - msg.sent_ns)
-        return msg
 
     # -- control channel: NOTE [ Control protocol ] in wire/messages.py -------------------------
 
@@ -193,13 +170,6 @@ class Session:
             f"no producer named {self.name!r} answered at {self.endpoint} within {timeout:.0f} s: "
             f"start one with `dalishare serve PIPELINE --data DIR --name {self.name}`")
 
-    def peek(self, batch_timeout: float, reconnect: bool) -> Batch | None:
-        """The next announcement (waiting for it), or None once the producer stopped. Raises
-        `ProducerLost` when it died or failed, unless ``reconnect`` (then the caller reconnects:
-        `lost` says why)."""
-        self.wait_for_batch(batch_timeout, reconnect)
-        return self.pending[0] if self.pending else None
-
     @property
     def lost(self) -> str | None:
         """Why this session's producer is gone for good (died, failed or stopped by a signal), if it is."""
@@ -209,13 +179,16 @@ class Session:
             return f"stopped ({self.stop_reason})"
         return self._died
 
-    _died: str | None = None
+    _died: str | None = None  # set once the producer's process was found gone
+
+    @property
+    def ended(self) -> bool:
+        """Whether the producer said it stopped (finished, stopped or failed)."""
+        return self.stop_reason is not None or bool(self.failure)
 
     def wait_for_batch(self, batch_timeout: float, reconnect: bool) -> None:
         """Receive until a batch is pending or the producer stopped; a dead producer raises
         `ProducerLost` (or, with ``reconnect``, sets `lost` and returns)."""
-        if not self.pending and self.stop_reason is None and not self.failure:
-            self._announce_waiting()
         # a group's rank before its first batch waits for its peers and an epoch's start: as long as it takes
         deadline = time.monotonic() + (float("inf") if self.member is not None and self.taken < 0 else batch_timeout)
         while not self.pending and self.stop_reason is None and not self.failure:
@@ -243,11 +216,10 @@ class Session:
         return ProducerLost(f"producer {self.name!r} (pid {self.producer_pid}) failed: {self.failure}; "
                             f"fix the cause in its log, restart it and this job")
 
-    # -- reading a cache: NOTE [ Cache protocol ] in producer/filling.py ---------------------------
-
-    def producer_serves(self, reconnect: bool) -> bool:
-        """Take in the producer's messages; False once it stopped (the pass ends) or, with
-        ``reconnect``, died or failed (`lost` says why); else those raise `ProducerLost`."""
+    def poll_producer(self, reconnect: bool) -> bool:
+        """Take in the producer's messages and check that it lives: True while it serves; False
+        once it stopped (the pass ends) or, with ``reconnect``, died or failed (`lost` says why);
+        else those raise `ProducerLost`. A cache reader calls it while it reads at its own pace."""
         self.receive_all()  # raises GroupBroken for a group that lost a rank
         if self.failure:
             if reconnect:
@@ -262,46 +234,12 @@ class Session:
             raise self._died_error()
         return True
 
-    def await_sample(self, index: int, batch_timeout: float, reconnect: bool) -> bool:
-        """Wait until the cache has sample ``index`` (or has excluded it); False if the producer
-        stopped meanwhile (see `producer_serves`). A fill that makes no progress for
-        ``batch_timeout`` seconds raises `ProducerLost`."""
-        marks, valid = self.cache.marks, self.cache.valid()
-        deadline = next_check = time.monotonic()
-        deadline += batch_timeout
-        while marks[index] == Mark.MISSING:
-            now = time.monotonic()
-            if now >= next_check:
-                if not self.producer_serves(reconnect):
-                    return False
-                filled = self.cache.valid()
-                if filled != valid:
-                    valid, deadline = filled, now + batch_timeout
-                elif now > deadline:
-                    raise ProducerLost(
-                        f"producer {self.name!r} (pid {self.producer_pid}) is alive but filled no sample of its "
-                        f"cache for {batch_timeout:.0f} s (job {self.job_id} waits for sample {index}); check its log")
-                next_check = now + PRODUCER_POLL_S
-            time.sleep(CACHE_POLL_S)
-        return True
-
     def epoch_done(self, epochs: int) -> None:
         if self.channel is not None:
             self.channel.send(EpochDone(self.job_id, epochs))  # a gone producer is reported by the next wait
 
-    def _announce_waiting(self) -> None:
-        """About to wait for a batch: give back what we can, fail if we hold the whole ring ourselves,
-        and tell the producer we wait (for its stall policy: NOTE [ Slot ownership ])."""
-        self.receive_all()
-        if self.pending:
-            return
-        self.give_back()
-        held = self.window.held  # GPU reads in flight end by themselves; views in use do not
-        if held >= self.ring.layout.slots:
-            raise BatchHeldTooLong(
-                f"job {self.job_id} holds all {held} slots of producer {self.name!r} (views it still uses, "
-                f"keep={self.window.keep}), so no new batch can come: serve with more --slots "
-                f"(keep + 2 at least), hold fewer batches at once, `.clone()` them, or pass copy=True")
+    def heartbeat_now(self) -> None:
+        """Tell the producer this job waits for a batch (its stall policy: NOTE [ Slot ownership ])."""
         self.channel.send(Heartbeat(self.job_id, self.taken, self.read))  # a gone producer is reported by the wait
 
     def receive_all(self) -> None:
@@ -309,27 +247,31 @@ class Session:
         job's group is gone (every read and wait passes here)."""
         dropped = self.channel.dropped
         for msg in self.channel.receive():
-            if isinstance(msg, Batch):
-                self.pending.append(msg)
-            elif isinstance(msg, Suspended):
-                self._resume_after_suspension(msg)
-            elif isinstance(msg, GroupLost):
-                self.group_lost = msg.reason
-            elif isinstance(msg, Stop):
-                self.stop_reason, self.stop_kind = msg.reason, StopKind(msg.kind)
-                if self.stop_kind is StopKind.FINISHED:  # only a suspended job still has some: it missed them
-                    self.counters.missed += sum(m.count for m in self.pending)
-                self.pending.clear()
-                if self.stop_kind is StopKind.FAILED:
-                    self.failure = msg.reason
-                else:
-                    log.warning("producer %r stopped: %s", self.name, msg.reason)
+            handler = self._handlers.get(type(msg))
+            if handler is not None:  # anything else is not for a job that attached: ignored
+                handler(self, msg)
         if self.channel.dropped > dropped:
             log.warning("ignored %d malformed messages from producer %r: %s", self.channel.dropped - dropped,
                         self.name, self.channel.last_drop)
         if self.group_lost:
             raise GroupBroken(f"job {self.job_id} (rank {self.member.rank} of group {self.member.name!r}) cannot go "
                               f"on: {self.group_lost}; restart the whole DDP job")
+
+    def _on_batch(self, msg: Batch) -> None:
+        self.pending.append(msg)
+
+    def _on_group_lost(self, msg: GroupLost) -> None:
+        self.group_lost = msg.reason
+
+    def _on_stop(self, msg: Stop) -> None:
+        self.stop_reason, self.stop_kind = msg.reason, StopKind(msg.kind)
+        if self.stop_kind is StopKind.FINISHED:  # only a suspended job still has some: it missed them
+            self.counters.missed += sum(m.count for m in self.pending)
+        self.pending.clear()
+        if self.stop_kind is StopKind.FAILED:
+            self.failure = msg.reason
+        else:
+            log.warning("producer %r stopped: %s", self.name, msg.reason)
 
     def await_suspension(self, batch_timeout: float) -> None:
         """A slot changed under this job, so the producer suspended it: wait for that message."""
@@ -352,8 +294,10 @@ class Session:
         kept = set(msg.kept)
         voided = [m for m in self.pending if m.seq not in kept]
         self.pending = deque(m for m in self.pending if m.seq in kept)
-        last = self.rebatcher.last
-        seen = [m.seq for m in self.pending] + ([last.seq] if last else [])
+        seen = [m.seq for m in self.pending] + [self.taken]  # taken: -1 before the first batch begun
         log.warning("job %d was suspended by producer %r (%s); %d queued batches voided; resuming from "
                     "the current position", self.job_id, self.name, msg.reason, len(voided))
         self.channel.send(Resume(self.job_id, max(seen, default=-1)))  # a gone producer: reported by the next wait
+
+    # the messages a producer sends an attached job, and what each does (NOTE [ Control protocol ])
+    _handlers = {Batch: _on_batch, Suspended: _resume_after_suspension, GroupLost: _on_group_lost, Stop: _on_stop}

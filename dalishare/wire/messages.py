@@ -11,8 +11,8 @@ Anyone -> producer: StatusQuery; producer -> asker: StatusReport (or Reject).
 NOTE [ Control protocol ]
 =========================
 Cited from the loops that implement it: the producer's (producer/server.py, and its modes in
-producer/ring_serving.py and cache_serving.py) and the job's
-(job/iterator.py, job/heartbeat.py). Every receive has a timeout and a liveness check behind it.
+producer/ring_serving.py and cache_serving.py) and the job's (job/session.py, its readers in
+job/ring_reader.py and cache_reader.py, job/heartbeat.py). Every receive has a timeout and a liveness check behind it.
 
 - Attach. Job: ``Hello(pid, keep, version)``, then waits up to ``attach_timeout`` for an answer.
   Producer: a hello of another protocol version gets ``Reject`` (the job raises `ProtocolError`).

@@ -1,5 +1,7 @@
 """Resuming a restarted job from its ``state_dict()`` (job/resume.py): real producer and job
-processes; the job is SIGKILLed mid-epoch and started again with the state it saved last."""
+processes; the job is SIGKILLed mid-epoch, or leaves its pass with ``break``, and is started again
+with the state it saved last (inside the loop, or after the break: the same state, as torchdata's
+StatefulDataLoader has it)."""
 
 from __future__ import annotations
 
@@ -62,6 +64,27 @@ def test_with_a_cache_a_killed_job_goes_on_at_exactly_the_next_unseen_sample(dat
     assert second[-1]["state"] == {**state, "epoch": 2, "position": 0, "passes": 2}
 
 
+def test_with_a_cache_a_job_that_breaks_and_one_that_loads_its_state_read_the_epoch_exactly_once(dataset, tmp_path):
+    # the state saved after the break is the one of its last batch; a new pass of the same job
+    # without load_state_dict is the next epoch, whole
+    with Server(dataset, "--batch-size", "4", "--cache", "memory") as server:
+        job = start_job(tmp_path / "1.log", break_after=4, passes=2)
+        assert job.wait(timeout=120) == 0
+        first = lines(tmp_path / "1.log")
+        read, left, second_pass = first[:4], first[4], first[5:]
+        # only the count of passes read or left (--epochs' accounting) moves at the break
+        assert left["pass_end"] == 0 and left["state"] == {**read[-1]["state"], "passes": 1}, "the state moved"
+        assert (left["state"]["epoch"], left["state"]["position"]) == (0, 12)
+        assert [i for b in second_pass for i in b.get("indices", [])] == epoch_order(N, 0, 1).tolist()
+        again = start_job(tmp_path / "2.log", saved(left["state"], tmp_path / "state.pt"))
+        assert again.wait(timeout=120) == 0
+        second = [b for b in lines(tmp_path / "2.log") if "indices" in b]
+        server.stop()
+    assert {b["epoch"] for b in second} == {0}
+    epoch0 = [i for b in read for i in b["indices"]] + [i for b in second for i in b["indices"]]
+    assert epoch0 == epoch_order(N, 0, 0).tolist(), "the two jobs did not read epoch 0 exactly once, in order"
+
+
 def test_a_state_saved_after_an_epochs_last_batch_resumes_at_the_next_epoch(dataset, tmp_path):
     with Server(dataset, "--batch-size", "4", "--cache", "memory") as server:
         job = start_job(tmp_path / "1.log")
@@ -78,7 +101,8 @@ def test_a_state_saved_after_an_epochs_last_batch_resumes_at_the_next_epoch(data
     assert [i for b in second for i in b["indices"]] == epoch_order(N, 0, 1).tolist()
 
 
-def test_on_the_ring_a_resumed_job_gets_nothing_twice_in_its_epoch_and_goes_on_with_it(dataset, tmp_path):
+@pytest.mark.parametrize("leaves", ["killed in the loop", "by a break"])
+def test_on_the_ring_a_resumed_job_gets_nothing_twice_in_its_epoch_and_goes_on_with_it(dataset, tmp_path, leaves):
     # a job attached first holds its first batch until the resumed job has read: the killed job read
     # ahead of it, so the ring still holds batches it had read (which the resumed one must skip) and
     # its epoch is still being served, however long the processes take to start
@@ -89,7 +113,13 @@ def test_on_the_ring_a_resumed_job_gets_nothing_twice_in_its_epoch_and_goes_on_w
         while not (tmp_path / "pacer.log").exists() or not lines(tmp_path / "pacer.log"):
             assert time.monotonic() < deadline, "the pacing job read nothing"
             time.sleep(0.01)
-        first = kill_after(start_job(tmp_path / "1.log", batch_size=2), tmp_path / "1.log", batches=5)
+        if leaves == "by a break":  # it saves its state after the loop, and ends
+            job = start_job(tmp_path / "1.log", batch_size=2, break_after=5)
+            assert job.wait(timeout=120) == 0
+            first, end = [b for b in lines(tmp_path / "1.log") if "indices" in b], lines(tmp_path / "1.log")[-1]
+            assert len(first) == 5 and end["state"] == first[-1]["state"], "the state moved when the loop was left"
+        else:
+            first = kill_after(start_job(tmp_path / "1.log", batch_size=2), tmp_path / "1.log", batches=5)
         state = first[-1]["state"]
         assert state["source"] == "ring" and state["epoch"] == 0
         again = start_job(tmp_path / "2.log", saved(state, tmp_path / "state.pt"), batch_size=2)

@@ -36,7 +36,7 @@ if spec.get("go"):  # imported and ready: attach only once the test says so (tim
 with DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), attach_timeout=60,
                        seed=spec.get("seed")) as loader:
     open(spec["out"] + ".attached", "w").close()  # lets a test wait for the attach itself
-    cache = loader._session.cache
+    cache = getattr(loader._session.reader, "cache", None)  # None: the producer serves a ring
     cached_at_attach = cache.valid() if cache is not None else None
     for _ in range(spec.get("passes", 1)):
         batches = []

@@ -1,6 +1,6 @@
 """The decoded-sample cache's parts without processes: its storage (shm/cache.py: rows, marks,
-labels, resuming, keys, the lock), the producer's fill plan (filling.CacheFill) and the job's batch
-cutting (job/cached.take). Plain files in a temporary folder; no DALI, no producer."""
+labels, resuming, keys, the lock) and the producer's fill plan (filling.CacheFill); the job's batch
+cutting is tests/unit/test_readers.py. Plain files in a temporary folder; no DALI, no producer."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from dalishare.errors import ConfigError
-from dalishare.job.cached import take
 from dalishare.producer.filling import CacheFill
 from dalishare.shm.cache import (CACHE_SUFFIX, CacheLayout, CacheView, CacheWriter, Mark, SampleCache, cache_key,
                                  in_use, list_caches, listing_digest, read_layout)
@@ -180,14 +179,3 @@ def test_the_fill_follows_the_order_skips_what_is_done_and_sends_lost_rows_first
     assert not fill.careful() and fill.next_rows(3) == ([0], False)
 
 
-def test_a_batch_takes_valid_samples_in_order_skips_excluded_ones_and_stops_at_a_missing_one():
-    V, X, M = Mark.VALID, Mark.EXCLUDED, Mark.MISSING
-    marks = np.array([V, X, V, M, V, V, X, V], dtype=np.uint8)
-    order = np.array([0, 1, 2, 4, 5, 6, 7, 3])  # sample 3 (missing) comes last
-    got, pos, missing = take(marks, order, 0, 3)
-    assert got.tolist() == [0, 2, 4] and pos == 4 and missing == -1
-    got, pos, missing = take(marks, order, pos, 3)
-    assert got.tolist() == [5, 7] and pos == 7 and missing == 3  # it waits for 3 to fill the batch
-    marks[3] = V
-    assert take(marks, order, pos, 1)[0].tolist() == [3]
-    assert take(marks, order, 8, 3)[0].tolist() == []  # the epoch's end

@@ -3,9 +3,9 @@
 import pytest
 
 from dalishare.errors import ConfigError
-from dalishare.job.resume import Progress, check_state, make_state, reader, same_data
+from dalishare.job.resume import Progress, check_state, job_order, make_state, same_data
 
-JOB = reader(seed=None, world=1, drop_last=False)
+JOB = job_order(seed=None, world=1, drop_last=False)
 FINGERPRINT = {"dataset": "ab12", "samples": 30, "stage": "cd34", "output": "[224, 224, 3] uint8", "seed": 0,
                "shards": 1, "source": "cache"}
 
@@ -45,8 +45,8 @@ def test_a_state_round_trips_and_is_refused_for_other_data_or_seed():
         with pytest.raises(ConfigError, match=f"another {key}"):
             check_state(state, "cache", {**FINGERPRINT, key: value}, JOB)
     # the job's own order and share: a position in a rank's share means nothing to a lone job
-    for other, what in ((reader(7, 1, False), "seed 7"), (reader(None, 2, False), "group size 2"),
-                        (reader(None, 1, True), "drop_last True")):
+    for other, what in ((job_order(7, 1, False), "seed 7"), (job_order(None, 2, False), "group size 2"),
+                        (job_order(None, 1, True), "drop_last True")):
         with pytest.raises(ConfigError, match=f"this one has {what.split()[-1]}"):
             check_state(state, "cache", FINGERPRINT, other)
     for bad in ({**state, "version": 99}, [1, 2], {k: v for k, v in state.items() if k != "fingerprint"},
