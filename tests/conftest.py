@@ -39,14 +39,14 @@ def _children() -> list[str]:
     """This test process's descendants (a producer's stage worker and probes are grandchildren),
     and any orphaned stage process (one that outlived its producer)."""
     me, procs = os.getpid(), {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (proc / "stat").read_text()
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        procs[int(proc.name)] = (int(fields[1]), fields[0], cmdline)
+    for name in os.listdir("/proc"):  # stat only: the command line is read for the few that matter
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            procs[int(name)] = (int(fields[1]), fields[0].decode())
 
     def descends(pid: int) -> bool:
         for _ in range(64):
@@ -57,9 +57,16 @@ def _children() -> list[str]:
                 return False
         return False
 
-    return [f"pid {pid} ({cmdline[:120]})" for pid, (ppid, state, cmdline) in procs.items()
+    def cmdline(pid: int) -> str:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            return ""
+
+    return [f"pid {pid} ({cmdline(pid)[:120]})" for pid, (ppid, state) in procs.items()
             if (descends(pid) and not (state == "Z" and ppid != me))  # a zombie of ours: a child not waited for
-            or (ppid == 1 and "dalishare.producer.worker" in cmdline)]
+            or (ppid == 1 and "dalishare.producer.worker" in cmdline(pid))]
 
 
 def _segments() -> set[str]:

@@ -25,6 +25,7 @@ from ..wire.order import epoch_order, share
 from .cached import CachedSamples
 from .reading import ReadOptions, labels_to, target_device
 
+
 class CacheReader:
     """Reads ``cache`` (mapped from the ``Welcome``) for ``session``."""
 
@@ -53,8 +54,9 @@ class CacheReader:
         self.passes = epoch
         return epoch, position
 
-    def leave_last_pass(self) -> bool:
-        """A pass left by a break holds nothing of the producer's: its batches were copies."""
+    def leave_last_pass(self, resume: tuple[int, int] | None = None) -> bool:
+        """A pass left by a break holds nothing of the producer's: its batches were copies (a
+        loaded ``resume`` is taken by `begin_pass`, wherever it is)."""
         self._batches = None
         return True
 
@@ -143,14 +145,14 @@ class CacheReader:
                 stand_in = self._repeat_excluded(chunk, flags, excluded, stand_in, at)
             parts.append((chunk, flags))
             have += len(chunk)
-            if time.monotonic() >= next_check:  # the producer's Stop, failure or death, or the group's loss
+            if have == size or (pos == len(order) and have):  # a batch ready goes out before any check
+                yield np.concatenate([c for c, _ in parts]), np.concatenate([f for _, f in parts]), pos
+                parts, have = [], 0
+            if pos < len(order) and time.monotonic() >= next_check:  # the producer's Stop, failure or death, or the group's loss
                 if not self.session.poll_producer(self.options.reconnect):
                     return False
                 self._count_excluded()
                 next_check = time.monotonic() + PRODUCER_POLL_S
-            if have == size or (pos == len(order) and have):
-                yield np.concatenate([c for c, _ in parts]), np.concatenate([f for _, f in parts]), pos
-                parts, have = [], 0
         self._count_excluded()
         return True
 

@@ -108,21 +108,19 @@ class DaliShareIterator:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         KeepWindow(keep)  # checks keep before anything is opened
         self.name = names.check_name(name)
-        self.augment, self.copy, self.keep = augment, copy, keep
-        self.batch_timeout, self.reconnect, self.reconnect_timeout = batch_timeout, reconnect, reconnect_timeout
-        self.device = torch.device(device) if device is not None else None
+        self.augment, self.keep, self.reconnect_timeout = augment, keep, reconnect_timeout
         self.epoch: int | None = None  # the epoch of the pass in progress (or the last one)
-        self.seed = seed
-        self.member = membership(group, rank, world_size, drop_last)  # None: an independent job
-        if self.member is not None and reconnect:
+        member = membership(group, rank, world_size, drop_last)  # None: an independent job
+        if member is not None and reconnect:
             raise ConfigError("group= and reconnect=True: a rank that reconnects alone would end its pass at "
                               "another batch than its peers; restart the whole DDP job instead")
-        self.drop_last = drop_last
-        self._options = ReadOptions(batch_size, self.device, copy, seed, self.member, drop_last, batch_timeout,
-                                    reconnect)
+        # how the readers read; fixed for the iterator's life (the properties below show it)
+        self._options = ReadOptions(batch_size=batch_size, device=torch.device(device) if device is not None else None,
+                                    copy=copy, seed=seed, member=member, drop_last=drop_last,
+                                    batch_timeout=batch_timeout, reconnect=reconnect)
         self._progress = Progress(taken_ahead)  # where state_dict() says the job is
         self._resume_at: tuple[int, int] | None = None  # (epoch, position) from load_state_dict, until a pass begins
-        self._left_by_break = False  # the last pass was left by a break: the next starts the next epoch
+        self._left_by_break = False  # the last pass was left by a break: after a reconnect, go on with the next epoch
         self._heartbeat_interval = heartbeat_interval
         self._endpoint = names.endpoint(name)
         self._counters = Counters()  # survive reconnects
@@ -170,6 +168,14 @@ class DaliShareIterator:
 
     # -- public API -----------------------------------------------------------------------------
 
+    device = property(lambda self: self._options.device)
+    copy = property(lambda self: self._options.copy)
+    seed = property(lambda self: self._options.seed)
+    member = property(lambda self: self._options.member)
+    drop_last = property(lambda self: self._options.drop_last)
+    batch_timeout = property(lambda self: self._options.batch_timeout)
+    reconnect = property(lambda self: self._options.reconnect)
+
     # from the current session, or the last one once closed (job_id is None then)
     job_id = property(lambda self: self._session.job_id if self._session.channel is not None else None)
     producer_pid = property(lambda self: self._session.producer_pid)
@@ -197,7 +203,7 @@ class DaliShareIterator:
         return math.ceil(self.samples_per_epoch / self.batch_size)
 
     def __iter__(self):
-        if not self._session.reader.leave_last_pass():  # the producer was lost while that was given back
+        if not self._session.reader.leave_last_pass(self._resume_at):  # the producer was lost while that was given back
             self._reconnect()
         session, reader = self._session, self._session.reader
         start = reader.begin_pass(self._resume_at)

@@ -13,10 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 
-from ..wire.order import share
 from .group import Membership
 
 
@@ -41,7 +39,9 @@ class Reader(Protocol):
     is nothing to read (the producer stopped, finished or was lost: the session's ``lost`` says
     which); ``next_batch()`` gives the pass's batches (a dict) and then None; ``position`` is
     where the job is in the pass's order after the last batch; ``epoch_read`` says whether the pass
-    read its epoch to the end; ``end_pass()`` counts a pass that ended or was left."""
+    read its epoch to the end; ``end_pass()`` counts a pass that ended or was left;
+    ``leave_last_pass(resume)`` lets go of a pass left by a break before the next begins (unless a
+    state loaded since, ``resume``, is in it: then the next pass reads on in it)."""
 
     source: str                # "ring" or "cache": what a saved position is a position in
     device: torch.device       # where the producer's data is
@@ -53,7 +53,7 @@ class Reader(Protocol):
 
     @property
     def samples_per_epoch(self) -> int: ...
-    def leave_last_pass(self) -> bool: ...
+    def leave_last_pass(self, resume: tuple[int, int] | None = None) -> bool: ...
     def resume_point(self, epoch: int, position: int) -> tuple[int, int]: ...
     def begin_pass(self, resume: tuple[int, int] | None) -> tuple[int, int] | None: ...
     def next_batch(self) -> dict | None: ...
@@ -64,7 +64,7 @@ class Reader(Protocol):
 def share_size(samples: int, parts: int, drop_last: bool) -> int:
     """Samples in each of ``parts`` shares of an order of ``samples``: wire/order.share's rule
     (DistributedSampler's), which both readers cut by (part p takes positions p, p + parts, ...)."""
-    return len(share(np.arange(samples), 0, parts, drop_last)[0])
+    return samples // parts if drop_last else -(-samples // parts)  # as share() cuts (no array: len() is cheap)
 
 
 def target_device(requested: torch.device | None, data: torch.device) -> torch.device:

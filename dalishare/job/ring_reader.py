@@ -36,12 +36,8 @@ class RingReader:
     passes = 0  # the producer counts the ring's epochs; a job keeps no count of its own
 
     def __init__(self, session, ring, options: ReadOptions):
-        self.session, self.ring, self.options = session, ring, options
-        try:
-            self.slot_tensors, self.device = slot_tensors(ring)
-        except BaseException:
-            ring.close()
-            raise
+        self.session, self.ring, self.options = session, ring, options  # the ring is closed by open_reader if this fails
+        self.slot_tensors, self.device = slot_tensors(ring)
         self.target = target_device(options.device, self.device)
         self.rebatcher = Rebatcher(options.batch_size or session.producer_batch_size)
         self.batch_size = self.rebatcher.batch_size
@@ -56,6 +52,7 @@ class RingReader:
         self._limit: int | None = None  # a share: its samples this pass (fixed: the ranks agree); None: no limit
         self._read = 0                  # samples of the pass copied out, repeats included (a share: <= _limit)
         self._resume: tuple[int, int] | None = None  # (epoch, position) of a loaded state, until passed
+        self._going_on = False  # the next pass goes on in the epoch of the pass left by a break (a loaded state)
         self._last_sample = None        # a share: its last sample (image, label, index), to repeat at the tail
         keep = session.window.keep
         if ring.layout.slots < keep + 2:
@@ -80,21 +77,38 @@ class RingReader:
         """Where a loaded state resumes: a group's ranks start together at an epoch's start."""
         return epoch, 0 if self.options.member is not None else position
 
-    def leave_last_pass(self) -> bool:
-        """A new pass starts a new epoch: give back what is left of one left by a break. False if
-        the producer was lost meanwhile (``reconnect=True``: the caller reconnects)."""
+    def leave_last_pass(self, resume: tuple[int, int] | None = None) -> bool:
+        """A new pass starts a new epoch: give back what is left of one left by a break, unless
+        ``resume`` (a state loaded since) is in that epoch: then the next pass goes on in it. False
+        if the producer was lost meanwhile (``reconnect=True``: the caller reconnects)."""
         self.session.give_back()
+        self._going_on = resume is not None and resume[0] == self._epoch and not self.rebatcher.epoch_over \
+            and self.options.member is None  # a group's ranks start together at an epoch's start
+        if not self._going_on:
+            self._give_back_rest_of_epoch()
+        return not (self.options.reconnect and self.session.lost)
+
+    def _give_back_rest_of_epoch(self) -> None:
         while self._ensure_producer_batch():
             self._finish(self.rebatcher.take(self.rebatcher.remaining))
-        return not (self.options.reconnect and self.session.lost)
 
     def begin_pass(self, resume: tuple[int, int] | None) -> tuple[int, int] | None:
         """The pass reads the epoch of the next announcement, from its start (a late job: from
-        there), or from ``resume`` in that epoch: samples before it are given back unread."""
-        self.session.receive_all()  # a Suspended message may void the queued head
-        head = self._peek()
-        if head is None:
-            return None
+        there), or from ``resume`` in that epoch: samples before it are given back unread (all of
+        them, for a state saved after its last sample: then the pass reads the next epoch)."""
+        if self._going_on:  # a state of the pass left by a break was loaded: read on from there
+            self._going_on, self._resume = False, resume
+            return self._epoch, max(self.position, resume[1])
+        while True:
+            self.session.receive_all()  # a Suspended message may void the queued head
+            head = self._peek()
+            if head is None:
+                return None
+            if resume is None or resume[0] != head.epoch or resume[1] < head.epoch_size:
+                break
+            self._epoch, self._resume, resume = head.epoch, None, None  # that epoch was read to its end
+            self.rebatcher.begin_epoch()
+            self._give_back_rest_of_epoch()
         self._epoch, self.epoch_read = head.epoch, False
         if self._same_epoch_due:
             self._same_epoch_due = False

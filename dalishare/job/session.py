@@ -40,12 +40,18 @@ def open_reader(session: "Session", welcome: Welcome, options: ReadOptions) -> R
     producer/filling.py). Otherwise the ring: one stream, paced by the producer for all its jobs
     (NOTE [ Slot ownership ], shm/__init__.py), so a job cannot have an order of its own."""
     if welcome.cache:
-        return CacheReader(session, CachedSamples(welcome.cache), options)
-    if options.seed is not None:
+        kind, mapping = CacheReader, CachedSamples(welcome.cache)
+    elif options.seed is not None:
         raise ConfigError(f"seed={options.seed}: producer {session.name!r} streams one shared order through its "
                           f"ring; a job's own order needs a producer with a cache (serve with --cache "
                           f"memory, gpu or DIR), or drop seed=")
-    return RingReader(session, attach_ring(RingLayout.from_wire(welcome.ring)), options)
+    else:
+        kind, mapping = RingReader, attach_ring(RingLayout.from_wire(welcome.ring))
+    try:
+        return kind(session, mapping, options)
+    except BaseException:  # the session closes its reader, which does not exist yet
+        mapping.close()
+        raise
 
 
 @dataclass

@@ -4,7 +4,7 @@ it (`CacheFill`). Which cache to use is cache_policy.py; the file format is shm/
 NOTE [ Cache protocol ]
 =======================
 Cited from the producer's cache mode (producer/cache_serving.py), the stage worker (producer/worker.py) and the
-job's cached reader (job/cached.py). With a cache there is no ring: no announcements, no slots, no
+job's cache reader (job/cache_reader.py). With a cache there is no ring: no announcements, no slots, no
 releases, and so nobody waits for anybody.
 
 - Open. Producer: with ``--cache DIR`` it first looks in DIR for this dataset's and stage's cache

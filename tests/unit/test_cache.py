@@ -1,6 +1,6 @@
 """The decoded-sample cache's parts without processes: its storage (shm/cache.py: rows, marks,
 labels, resuming, keys, the lock) and the producer's fill plan (filling.CacheFill); the job's batch
-cutting is tests/unit/test_readers.py. Plain files in a temporary folder; no DALI, no producer."""
+cutting is tests/unit/test_cache_reader.py. Plain files in a temporary folder; no DALI, no producer."""
 
 from __future__ import annotations
 
@@ -144,18 +144,15 @@ def test_the_key_changes_with_a_touched_file_an_edited_stage_the_shape_or_dali(t
     assert key() != touched
 
 
-def test_the_cli_lists_caches_and_removes_one_by_key_or_all(tmp_path):
-    import subprocess
-    import sys
+def test_the_cli_lists_caches_and_removes_one_by_key_or_all(tmp_path, capsys):
+    from dalishare.cli import main  # in this process: the command is plain Python (the e2e tests run the CLI itself)
 
     for key in ("aaa111", "bbb222"):
         SampleCache(tmp_path / f"{key}{CACHE_SUFFIX}", CacheLayout(key, 4, [2, 2, 3], "uint8"), np.zeros(4)).close()
 
     def cli(*args: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "dalishare", "cache", *args], capture_output=True, text=True,
-                             timeout=60)
-        assert out.returncode == 0, out.stderr
-        return out.stdout
+        assert main(["cache", *args]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out
 
     assert "2 cache files" in cli("list", str(tmp_path)) and "0/4 samples of [2, 2, 3] uint8" in cli("list", str(tmp_path))
     assert "removed 1 cache files" in cli("remove", str(tmp_path), "--key", "bbb")

@@ -78,6 +78,29 @@ def test_after_a_break_the_state_is_where_the_job_stopped_and_a_job_that_loads_i
 
 
 @pytest.mark.parametrize("source", ["cache", "ring"])
+def test_a_state_loaded_into_the_same_loader_after_a_break_reads_on_in_that_epoch(attach, source):
+    """As a notebook that fits again from a checkpoint on the same loader: nothing of the epoch is
+    skipped on the ring either (the rest of the left pass is not given back first)."""
+    attach(source)
+    loader = iterator.DaliShareIterator("t", batch_size=4)
+    got, _ = read(loader, batches=1)
+    loader.load_state_dict(loader.state_dict())
+    rest, end = read(loader)
+    order = epoch_order(N, 0, 0).tolist() if source == "cache" else list(range(N))
+    assert loader.epoch == 0 and got + rest == order and (end["epoch"], end["position"]) == (0, N)
+
+
+@pytest.mark.parametrize("source", ["cache", "ring"])
+def test_a_state_saved_after_an_epochs_last_sample_resumes_with_the_next_epoch(attach, source):
+    attach(source)
+    loader = iterator.DaliShareIterator("t", batch_size=4)
+    state = {**loader.state_dict(), "epoch": 0, "position": N}
+    loader.load_state_dict(state)
+    got, _ = read(loader)
+    assert loader.epoch == 1 and got == (epoch_order(N, 0, 1).tolist() if source == "cache" else list(range(N)))
+
+
+@pytest.mark.parametrize("source", ["cache", "ring"])
 def test_a_new_pass_without_load_state_dict_starts_the_next_epoch(attach, source):
     attach(source)
     loader = iterator.DaliShareIterator("t", batch_size=4)

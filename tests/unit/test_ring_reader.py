@@ -51,7 +51,7 @@ def test_a_whole_epoch_is_views_inside_a_producer_batch_and_copies_across_them_w
     assert session.window.step == 4 and session.read == 0  # the iterator counts what it hands out
 
 
-def test_copy_true_gives_copies_and_a_view_is_read_only_memory_of_the_slot():
+def test_copy_true_gives_copies_the_job_owns_not_views_of_the_slot():
     order = list(range(8))
     reader, _, ring = reader_for(lambda ring: epoch_stream(ring, 0, order, 4),
                                  options=ReadOptions(batch_size=4, copy=True))
@@ -86,6 +86,9 @@ def test_a_pass_cut_short_by_the_producer_stopping_has_not_read_its_epoch():
 def test_a_group_rank_takes_every_worlds_sample_and_evens_its_tail_with_a_flagged_repeat(drop_last):
     order = list(range(100, 110))
     per_rank = share_size(10, 3, drop_last)
+    for samples in range(1, 12):  # the size rule is share()'s, without building the share
+        for parts in (1, 2, 3, 4):
+            assert share_size(samples, parts, drop_last) == len(share(np.arange(samples), 0, parts, drop_last)[0])
     assert per_rank == len(share(np.arange(10), 0, 3, drop_last)[0]) == (3 if drop_last else 4)
     got = {}
     for rank in range(3):
