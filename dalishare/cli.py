@@ -112,7 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalishare", description="Shared DALI data loading for many training jobs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_tools(sub)
+    return parser
 
+
+def _add_serve(sub) -> None:
+    """``dalishare serve``: one option per `ServeOptions` field, with its defaults."""
     serve = sub.add_parser("serve", help="run a shared stage and serve its batches")
     serve.add_argument("pipeline", help="stage file, e.g. pipelines/resnet.py")
     serve.add_argument("--data", required=True, help="folder of class sub-folders holding images")
@@ -154,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="when the output is not a terminal, log a status line this often (default: %(default)s)")
     serve.set_defaults(func=_serve)
 
+
+def _add_tools(sub) -> None:
+    """``dalishare status``, ``cleanup``, ``cache list/remove`` and ``demo``."""
     status = sub.add_parser("status", help="what each producer of this user serves, and its jobs")
     status.add_argument("name", nargs="?", default=None, help="only this producer (default: all)")
     status.add_argument("--json", action="store_true", help="print JSON (one document per refresh) for scripts")
@@ -182,7 +191,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images-per-class", type=int, default=96)
     demo.add_argument("--epochs", type=int, default=3)
     demo.set_defaults(func=_demo)
-    return parser
 
 
 def _set_up_logging(args: argparse.Namespace) -> None:
