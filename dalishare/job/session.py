@@ -84,10 +84,13 @@ class Session:
         self.heartbeat: HeartbeatThread | None = None
         self.reader: Reader | None = None  # the ring's or the cache's, from the Welcome
         self.channel = JobChannel(endpoint)
+        self.lifeline: names.Lifeline | None = None  # held from the Hello until closed: NOTE [ Lifelines ]
+        self.producer_lock: str | None = None  # its name lock's text when it welcomed us: tells it from a successor
         try:
+            self.lifeline = names.Lifeline(name)
             welcome = self._attach(timeout)
-            self.job_id, self.producer_pid = welcome.job_id, welcome.producer_pid
-            self.producer_started = names.process_start(welcome.producer_pid)
+            self.job_id, self.producer_pid = welcome.job_id, welcome.producer_pid  # pid: in its own namespace
+            self.producer_lock = names.lock_text(name)
             self.classes = welcome.classes
             self.samples_per_epoch = welcome.epoch_size  # as the Welcome said; the reader knows it since
             self.producer_batch_size = welcome.batch_size
@@ -128,9 +131,13 @@ class Session:
             self.channel = None
         if self.reader is not None:  # kept: its figures (batch size, epoch size) stay readable
             self.reader.close()
+        if self.lifeline is not None:  # last: until here the producer must not take us for dead
+            self.lifeline.release()
+            self.lifeline = None
 
     def producer_alive(self) -> bool:
-        return names.pid_alive(self.producer_pid, self.producer_started)
+        """By its name lock (NOTE [ Lifelines ], shm/names.py), whatever pid namespace it runs in."""
+        return self.producer_lock is not None and names.held(names.lock_path(self.name), self.producer_lock)
 
     # -- slots ----------------------------------------------------------------------------------
 
@@ -150,11 +157,11 @@ class Session:
         member = self.member
         self.channel.send(Hello(os.getpid(), keep=self.window.keep, group=member.name if member else "",
                                 rank=member.rank if member else 0, world=member.world if member else 1,
-                                batch_size=self._asked_batch_size))
+                                batch_size=self._asked_batch_size, lifeline=self.lifeline.token))
         deadline = time.monotonic() + timeout
-        starting: tuple[int, int | None] | None = None  # (pid, start time) of a producer that said it starts
+        starting: tuple[int, str | None] | None = None  # (pid, its name lock's text) of a producer that said it starts
         while time.monotonic() < deadline:
-            if starting and not names.pid_alive(*starting):
+            if starting and not names.held(names.lock_path(self.name), starting[1]):
                 raise ProducerLost(f"producer {self.name!r} (pid {starting[0]}) died while it was starting; "
                                    f"see its log")
             if not self.channel.wait(PRODUCER_POLL_S * 1000):
@@ -168,7 +175,7 @@ class Session:
                     if starting is None:
                         log.info("producer %r (pid %d) is starting (%s); waiting for it", self.name,
                                  msg.producer_pid, msg.reason)
-                        starting = (msg.producer_pid, names.process_start(msg.producer_pid))
+                        starting = (msg.producer_pid, names.lock_text(self.name))
                     deadline = time.monotonic() + max(timeout, STARTING_SILENCE_S)
                 elif isinstance(msg, Stop):
                     raise ProducerLost(f"producer {self.name!r} stopped before it served a batch: {msg.reason}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 from ..shm import names
@@ -34,7 +35,7 @@ class Job:
     identity: bytes           # its control socket's ZeroMQ identity
     keep: int                 # from its Hello: it may be reading its keep+2 oldest held slots
     last_seen: float          # its last message of any kind (monotonic s)
-    started: int | None = None  # its process's start time: tells it from a later process with its pid
+    lifeline: Path | None = None  # the file it holds locked while it lives (NOTE [ Lifelines ], shm/names.py)
     taken: int = -1           # newest seq it has begun to read (heartbeats); held seqs above it are unread
     state: JobState = JobState.ACTIVE
     silent: bool = False      # warned about a missing heartbeat; cleared by its next message
@@ -57,18 +58,30 @@ class Job:
 class JobRegistry:
     """Attached jobs by id, and what to do about them."""
 
-    pid_alive: Callable[[int, int | None], bool] = names.pid_alive  # injectable for the unit tests
+    # whether a job lives: by its lifeline, whatever pid namespace it runs in (NOTE [ Lifelines ]);
+    # injectable for the unit tests
+    alive: Callable[[Job], bool] = lambda job: job.lifeline is not None and names.held(job.lifeline)
     _jobs: dict[int, Job] = field(default_factory=dict)
 
     def add(self, pid: int, identity: bytes, keep: int, now: float, group: str = "", rank: int = 0,
-            world: int = 1, state: JobState = JobState.ACTIVE, batch_size: int = 0) -> Job:
+            world: int = 1, state: JobState = JobState.ACTIVE, batch_size: int = 0,
+            lifeline: Path | None = None) -> Job:
         job_id = secrets.randbits(31)
         while job_id in self._jobs:
             job_id = secrets.randbits(31)
-        job = Job(job_id, pid, identity, keep, last_seen=now, started=names.process_start(pid), last_progress=now,
+        job = Job(job_id, pid, identity, keep, last_seen=now, lifeline=lifeline, last_progress=now,
                   group=group, rank=rank, world=world, state=state, batch_size=batch_size, attached_at=now)
         self._jobs[job_id] = job
         return job
+
+    @staticmethod
+    def lifeline_refusal(name: str, token: str) -> str | None:
+        """Why a hello's lifeline token cannot be taken, or None."""
+        try:
+            names.lifeline_path(name, token)
+        except ValueError as exc:
+            return f"its hello names no valid lifeline ({exc}): install the same dalishare version in the job"
+        return None
 
     def group_refusal(self, group: str, rank: int, world: int) -> str | None:
         """Why rank ``rank`` of ``world`` cannot join ``group`` now, or None."""
@@ -101,7 +114,9 @@ class JobRegistry:
         return self._jobs.get(job_id)
 
     def remove(self, job: Job) -> bool:
-        """Forget the job; False if it was already gone."""
+        """Forget the job (and the lifeline file of one that died); False if it was already gone."""
+        if job.lifeline is not None and not names.held(job.lifeline):
+            job.lifeline.unlink(missing_ok=True)
         return self._jobs.pop(job.id, None) is not None
 
     def __iter__(self) -> Iterator[Job]:
@@ -139,8 +154,8 @@ class JobRegistry:
     # -- decisions ------------------------------------------------------------------------------
 
     def dead(self) -> list[Job]:
-        """Jobs whose process is gone (zombies and reused pids count as gone)."""
-        return [job for job in self._jobs.values() if not self.pid_alive(job.pid, job.started)]
+        """Jobs whose process is gone: their lifeline is no longer held."""
+        return [job for job in self._jobs.values() if not self.alive(job)]
 
     def to_probe(self, now: float, heartbeat_timeout: float) -> list[Job]:
         """Jobs silent for ``heartbeat_timeout``, due for a probe of their socket (once per timeout)."""

@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 class Lobby:
     """Hellos by identity until `leave`; ``reason()`` says what the producer is doing meanwhile."""
 
-    def __init__(self, channel: ProducerChannel, reason: Callable[[], str]):
-        self._channel, self._reason = channel, reason
+    def __init__(self, channel: ProducerChannel, name: str, reason: Callable[[], str]):
+        self._channel, self._name, self._reason = channel, name, reason
         self._hellos: dict[bytes, Hello] = {}  # emptied by leave(), once serving
         self._next_repeat = 0.0
 
@@ -40,7 +40,7 @@ class Lobby:
             return
         self._next_repeat = now + STARTING_REPEAT_S
         for identity, hello in list(self._hellos.items()):
-            if not names.pid_alive(hello.pid, None) or \
+            if not self._alive(hello) or \
                     not self._channel.send(identity, Starting(os.getpid(), self._reason())):
                 del self._hellos[identity]
 
@@ -52,4 +52,11 @@ class Lobby:
     def leave(self) -> list[tuple[bytes, Hello]]:
         """The serving starts: the hellos of the jobs still alive, to attach; the lobby is empty."""
         hellos, self._hellos = self._hellos, {}
-        return [(identity, hello) for identity, hello in hellos.items() if names.pid_alive(hello.pid, None)]
+        return [(identity, hello) for identity, hello in hellos.items() if self._alive(hello)]
+
+    def _alive(self, hello: Hello) -> bool:
+        """By its lifeline (NOTE [ Lifelines ], shm/names.py); a hello without one is never welcomed."""
+        try:
+            return names.held(names.lifeline_path(self._name, hello.lifeline))
+        except ValueError:
+            return False

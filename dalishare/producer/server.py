@@ -27,8 +27,8 @@ or signal releases exactly what exists, in the reverse order:
 
 A killed producer runs none of this: its stage processes get SIGKILL from the kernel
 (PR_SET_PDEATHSIG), the kernel drops the lock, the next ``serve`` of the name or ``dalishare
-cleanup`` removes the segment and socket (shm/names.py), and its jobs see it gone by its pid
-(`ProducerLost`). SIGINT/SIGTERM only set the stop reason; the loop then ends normally.
+cleanup`` removes the segment and socket (shm/names.py), and its jobs see it gone by its lock
+(NOTE [ Lifelines ]: `ProducerLost`). SIGINT/SIGTERM only set the stop reason; the loop then ends normally.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class Producer:
                 names.clean_stale(opts.name)
                 names.socket_path(opts.name).unlink(missing_ok=True)
                 self._channel = ProducerChannel(names.endpoint(opts.name))
-                self._lobby = Lobby(self._channel, self._starting_reason)
+                self._lobby = Lobby(self._channel, opts.name, self._starting_reason)
                 resources.callback(names.socket_path(opts.name).unlink, missing_ok=True)
                 resources.callback(self._close_channel)
                 self._scan = ScanThread(self.data)
@@ -289,14 +289,16 @@ class Producer:
         if self.phase is not Phase.SERVING:
             self._lobby.wait(identity, hello)
             return
-        refusal = self._jobs.group_refusal(hello.group, hello.rank, hello.world) if hello.group else None
+        refusal = self._jobs.lifeline_refusal(self.options.name, hello.lifeline) or (
+            self._jobs.group_refusal(hello.group, hello.rank, hello.world) if hello.group else None)
         if refusal:
             self._channel.send(identity, Reject(refusal))
             log.warning("refused a job (pid %d): %s", hello.pid, refusal)
             return
         opts, dataset = self.options, self._ctx.dataset
         job = self._jobs.add(hello.pid, identity, hello.keep, time.monotonic(), hello.group, hello.rank, hello.world,
-                             self.serving.initial_state(hello), hello.batch_size or opts.batch_size)
+                             self.serving.initial_state(hello), hello.batch_size or opts.batch_size,
+                             names.lifeline_path(opts.name, hello.lifeline))
         if self._send(job, Welcome(job_id=job.id, producer_pid=os.getpid(), **self.serving.welcome(),
                                    batch_size=opts.batch_size, classes=dataset.classes, seed=opts.seed,
                                    epochs=opts.epochs or 0, shard=list(opts.shard_of), fingerprint=self._fingerprint)):

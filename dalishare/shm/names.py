@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 from pathlib import Path
 
 from ..errors import AlreadyServing, ConfigError
@@ -152,6 +153,70 @@ class ServeLock:
             self._fd = -1
 
 
+# NOTE [ Lifelines ]
+# =================
+# Whether the other side lives is decided by what the kernel releases when a process dies, in
+# whatever pid namespace it runs (a job in `docker run` without --pid=host sees other pids, or none):
+# a flock on a file in the shared runtime dir. The producer's is its name lock (`ServeLock`), which
+# holds its pid as written in its own namespace: a job keeps that text from its attach, so a later
+# producer of the name is not taken for the one it attached to. A job holds a lock on
+# NAME.job-TOKEN.life (`Lifeline`) from before its Hello (which names TOKEN) until it closes; the
+# producer checks it each liveness pass and removes the file of a job found dead; `clean_stale`
+# removes those no live job holds.
+
+LIFELINE_SUFFIX = ".life"
+
+
+def lifeline_path(name: str, token: str) -> Path:
+    """The file a job of producer ``name`` holds locked while it lives."""
+    if not re.fullmatch(r"[0-9a-f]{1,32}", token):
+        raise ValueError(f"a lifeline token is 1 to 32 hex digits, got {token!r}")
+    return runtime_dir() / f"{check_name(name)}.job-{token}{LIFELINE_SUFFIX}"
+
+
+class Lifeline:
+    """This process's lifeline for producer ``name``: a new file, locked until `release` or death."""
+
+    def __init__(self, name: str):
+        self.token = secrets.token_hex(8)
+        self.path = lifeline_path(name, self.token)
+        self._fd = try_lock(self.path, create=True)
+        if self._fd is None:  # a fresh random name: nobody else can hold it
+            raise RuntimeError(f"cannot lock the new lifeline file {self.path}")
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            self.path.unlink(missing_ok=True)  # while still locked, as ServeLock
+            os.close(self._fd)
+            self._fd = -1
+
+
+def held(path: Path, text: str | None = None) -> bool:
+    """Whether a live process holds the lock on ``path`` (and, given ``text``, the file still says
+    it: the same holder as when it was read). Never takes the lock for longer than the test."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held exclusively: its holder lives
+            return text is None or os.pread(fd, 64, 0).decode(errors="replace").strip() == text
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def lock_text(name: str) -> str | None:
+    """What producer ``name``'s lock file says now (its pid, in its namespace), or None."""
+    try:
+        return lock_path(name).read_text().strip()
+    except FileNotFoundError:
+        return None
+
+
 def producer_names() -> list[str]:
     """Names with a socket or lock in this user's runtime dir: live producers and dead ones' leftovers."""
     return sorted({p.stem for p in runtime_dir().iterdir() if p.suffix in RUNTIME_FILES.values()})
@@ -207,6 +272,12 @@ def clean_stale(name: str | None = None) -> list[str]:
         finally:
             if fd is not None:
                 os.close(fd)
+    for path in rdir.glob(f"{name or '*'}.job-*{LIFELINE_SUFFIX}"):  # NOTE [ Lifelines ]
+        fd = try_lock(path, create=False)
+        if fd is not None:  # no live job holds it
+            path.unlink(missing_ok=True)
+            os.close(fd)
+            removed.append(str(path))
     for item in removed:
         log.info("removed stale %s", item)
     return removed

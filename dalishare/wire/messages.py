@@ -33,7 +33,8 @@ job/ring_reader.py and cache_reader.py, job/heartbeat.py). Every receive has a t
   the training thread sends one when it starts to wait for a batch; ``taken`` is the newest seq it
   has begun to read. Producer: any message proves life; a job silent for ``--heartbeat-timeout`` is
   probed with a ``Heartbeat`` of its own (taken -1), and detached if the send fails (socket gone).
-  Its process being gone (checked every REAP_INTERVAL_S) detaches it at once.
+  Its process being gone (its lifeline released, checked every REAP_INTERVAL_S: NOTE [ Lifelines ]
+  in shm/names.py) detaches it at once.
 - Suspension and resume. Producer: a job that released nothing for ``--stall-timeout`` while
   another waits gets ``Suspended(reason, kept)``: only the seqs in ``kept`` stay held and its other
   announcements are void. Job: drops the voided announcements and answers ``Resume(after_seq)``;
@@ -41,9 +42,9 @@ job/ring_reader.py and cache_reader.py, job/heartbeat.py). Every receive has a t
 - Stop. Producer: ``Stop`` to every job as it ends, with its kind (`StopKind`): FINISHED (``--epochs``
   served: the pass ends), STOPPED (a signal: the pass ends, or with ``reconnect=True`` the job waits
   for the next producer), FAILED (an exception: `ProducerLost` with its error, or reconnect).
-  A producer that dies sends nothing: jobs notice its pid is gone within their poll interval.
+  A producer that dies sends nothing: jobs notice its name lock released within their poll interval.
 - Bye. Job: ``Bye(reason, failed)`` when it closes (``failed``: it leaves because of an error).
-  Producer: frees its holds. A job that dies sends nothing: the producer notices its pid is gone.
+  Producer: frees its holds. A job that dies sends nothing: the producer notices its lifeline released.
 - Groups. Job: a rank of a consumer group (a DDP job) says ``Hello(group, rank, world)``. Producer:
   refuses a rank already attached or a world size that differs from the group's (``Reject``). On
   the ring it announces nothing to the group's ranks (FORMING, producer/jobs.py) until all are
@@ -70,9 +71,9 @@ import msgpack
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 6  # 2: Hello.keep, Heartbeat.taken; 3: Starting; 4: the cache (Welcome.cache, EpochDone);
+PROTOCOL_VERSION = 7  # 2: Hello.keep, Heartbeat.taken; 3: Starting; 4: the cache (Welcome.cache, EpochDone);
 # 5: consumer groups and shards (Hello.group/rank/world, Welcome.shard/fingerprint, GroupLost);
-# 6: status (StatusQuery, StatusReport, Hello.batch_size, Heartbeat.read)
+# 6: status (StatusQuery, StatusReport, Hello.batch_size, Heartbeat.read); 7: Hello.lifeline
 MAX_MESSAGE_BYTES = 1 << 20  # a batch announcement of 10,000 samples is ~170 kB
 
 
@@ -85,6 +86,7 @@ class Hello:
     rank: int = 0
     world: int = 1
     batch_size: int = 0  # the job's own batch size (0: the producer's), for status
+    lifeline: str = ""  # the token of the file the job holds locked while it lives (NOTE [ Lifelines ], shm/names.py)
 
 
 @dataclass(frozen=True)

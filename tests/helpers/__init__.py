@@ -4,6 +4,7 @@ and the GPU tests' reference checksums. One package, imported by every tier."""
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -71,11 +72,14 @@ class Server(ProducerProcess):
 class Job:
     """tests/job_script.py (or another job ``script``) in a child process; its record is read back as JSON."""
 
-    def __init__(self, out: Path, script: str = "job_script.py", **spec):
+    def __init__(self, out: Path, script: str = "job_script.py", own_pid_namespace: bool = False, **spec):
         self.out = out
         spec.setdefault("name", "t")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / script), json.dumps({**spec, "out": str(out)})],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command = [sys.executable, str(HERE / script), json.dumps({**spec, "out": str(out)})]
+        if own_pid_namespace:  # as `docker run` without --pid=host: the job sees its own pids only. It runs
+            # as pid 2 under a shell (pid 1, a namespace's init, ignores the SIGKILL a job sends itself)
+            command = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", f"{shlex.join(command)}; exit $?"]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def wait_attached(self, timeout: float = 60) -> None:
         marker, deadline = Path(f"{self.out}.attached"), time.monotonic() + timeout

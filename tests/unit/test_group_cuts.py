@@ -57,7 +57,7 @@ def test_membership_comes_from_the_arguments_then_torchrun_then_rank_and_world_s
 
 
 def test_the_producer_refuses_a_rank_twice_or_a_world_size_that_differs():
-    jobs = JobRegistry(pid_alive=lambda pid, started: True)
+    jobs = JobRegistry(alive=lambda job: True)
     jobs.add(10, b"a", 2, 0.0, "g", 0, 2)
     assert jobs.group_refusal("g", 1, 2) is None
     assert "already attached" in jobs.group_refusal("g", 0, 2)

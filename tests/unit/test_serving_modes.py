@@ -99,7 +99,7 @@ def make_ctx(tmp_path: Path, samples: int = 10, **options) -> tuple[Context, lis
 
     stage = FakeStage()
     ctx = Context(ServeOptions(**options), tmp_path / "stage.py", tmp_path, dataset, b"listing", b"identity",
-                  JobRegistry(pid_alive=lambda pid, started: True), send, lambda: stage)
+                  JobRegistry(alive=lambda job: True), send, lambda: stage)
     return ctx, sent
 
 

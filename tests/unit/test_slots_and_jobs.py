@@ -98,7 +98,7 @@ def test_resident_batches_of_the_current_epoch_and_after_a_seq():
 
 
 def registry(alive: set[int] | None = None) -> JobRegistry:
-    return JobRegistry(pid_alive=lambda pid, started: pid in (alive or set()))
+    return JobRegistry(alive=lambda job: job.pid in (alive or set()))
 
 
 def test_jobs_get_distinct_random_ids_and_a_dead_pid_is_a_dead_job():
