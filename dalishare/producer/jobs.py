@@ -74,14 +74,13 @@ class JobRegistry:
         self._jobs[job_id] = job
         return job
 
-    @staticmethod
-    def lifeline_refusal(name: str, token: str) -> str | None:
-        """Why a hello's lifeline token cannot be taken, or None."""
+    def refusal(self, name: str, hello) -> str | None:
+        """Why the job of ``hello`` cannot attach to producer ``name`` now (its lifeline, its group), or None."""
         try:
-            names.lifeline_path(name, token)
+            names.lifeline_path(name, hello.lifeline)
         except ValueError as exc:
             return f"its hello names no valid lifeline ({exc}): install the same dalishare version in the job"
-        return None
+        return self.group_refusal(hello.group, hello.rank, hello.world) if hello.group else None
 
     def group_refusal(self, group: str, rank: int, world: int) -> str | None:
         """Why rank ``rank`` of ``world`` cannot join ``group`` now, or None."""

@@ -146,6 +146,7 @@ class Producer:
             self._tell_jobs()
         finally:
             self._channel.close()
+            names.remove_lifelines(self.options.name)  # told to stop, no job is checked any more
 
     def _tell_jobs(self) -> None:
         """Tell every job (and every job still waiting for the start) why we stop; give the readers of
@@ -289,8 +290,7 @@ class Producer:
         if self.phase is not Phase.SERVING:
             self._lobby.wait(identity, hello)
             return
-        refusal = self._jobs.lifeline_refusal(self.options.name, hello.lifeline) or (
-            self._jobs.group_refusal(hello.group, hello.rank, hello.world) if hello.group else None)
+        refusal = self._jobs.refusal(self.options.name, hello)
         if refusal:
             self._channel.send(identity, Reject(refusal))
             log.warning("refused a job (pid %d): %s", hello.pid, refusal)

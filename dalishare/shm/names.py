@@ -209,6 +209,13 @@ def held(path: Path, text: str | None = None) -> bool:
         os.close(fd)
 
 
+def remove_lifelines(name: str) -> None:
+    """A stopping producer's last word on its jobs' lifelines: none is checked any more, so a job
+    killed after this leaves no file (one still running holds its lock on the unlinked file)."""
+    for path in runtime_dir().glob(f"{check_name(name)}.job-*{LIFELINE_SUFFIX}"):
+        path.unlink(missing_ok=True)
+
+
 def lock_text(name: str) -> str | None:
     """What producer ``name``'s lock file says now (its pid, in its namespace), or None."""
     try:

@@ -240,13 +240,25 @@ def test_a_job_nobody_waits_for_or_that_keeps_releasing_is_never_suspended(datas
 def ghost_hello(version: int = protocol.PROTOCOL_VERSION, wait_for_answer: bool = False) -> None:
     """A peer that says hello and closes its socket, before or after the producer's answer, while
     its process (this one) lives on."""
+    lifeline = runtime.Lifeline("t")  # released only when the test ends: this process lives on
+    GHOST_LIFELINES.append(lifeline)
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
         sock.connect(runtime.endpoint("t"))
-        sock.send(protocol.encode(protocol.Hello(pid=os.getpid(), version=version)))
+        sock.send(protocol.encode(protocol.Hello(pid=os.getpid(), version=version, lifeline=lifeline.token)))
         if wait_for_answer:
             assert sock.poll(10_000)
             assert isinstance(protocol.decode(sock.recv()), protocol.Welcome)
         sock.close(linger=1000)
+
+
+GHOST_LIFELINES: list = []
+
+
+@pytest.fixture(autouse=True)
+def _release_ghost_lifelines():
+    yield
+    while GHOST_LIFELINES:
+        GHOST_LIFELINES.pop().release()
 
 
 def test_peers_gone_before_their_welcome_hold_no_slots_and_wrong_versions_are_refused(dataset):

@@ -75,4 +75,7 @@ def test_the_job_registry_finds_a_job_dead_by_its_lifeline_and_removes_the_file(
     assert jobs.dead() == [job]
     jobs.remove(job)
     assert not life.path.exists()
-    assert JobRegistry.lifeline_refusal("t", "zz") is not None and JobRegistry.lifeline_refusal("t", "ab12") is None
+    from dalishare.wire.messages import Hello
+
+    assert "no valid lifeline" in jobs.refusal("t", Hello(pid=1, lifeline="zz"))
+    assert jobs.refusal("t", Hello(pid=1, lifeline="ab12")) is None
