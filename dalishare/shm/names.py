@@ -161,8 +161,9 @@ class ServeLock:
 # holds its pid as written in its own namespace: a job keeps that text from its attach, so a later
 # producer of the name is not taken for the one it attached to. A job holds a lock on
 # NAME.job-TOKEN.life (`Lifeline`) from before its Hello (which names TOKEN) until it closes; the
-# producer checks it each liveness pass and removes the file of a job found dead; `clean_stale`
-# removes those no live job holds.
+# producer checks it each liveness pass and removes the file of a job found dead, and all of its
+# jobs' files once it has told them to stop (`remove_lifelines`); `clean_stale` removes those no
+# live job holds (a job killed while no producer ran).
 
 LIFELINE_SUFFIX = ".life"
 
