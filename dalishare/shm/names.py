@@ -89,19 +89,11 @@ def _proc_stat(pid: int) -> list[str] | None:
     return text.rsplit(")", 1)[1].split()
 
 
-def process_start(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot): with the pid, it names one process for good."""
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` lives (not a zombie), in this pid namespace: for the names of segments
+    this user's producers made (a job and its producer use lifelines instead: NOTE [ Lifelines ])."""
     fields = _proc_stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def pid_alive(pid: int, started: int | None = None) -> bool:
-    """Whether process ``pid`` lives: not a zombie and, given ``started``, not a later process that
-    reuses the pid."""
-    fields = _proc_stat(pid)
-    if fields is None:
-        return False
-    return fields[0] not in ("Z", "X") and (started is None or int(fields[19]) == started)
+    return fields is not None and fields[0] not in ("Z", "X")
 
 
 def try_lock(path: Path, create: bool) -> int | None:
