@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import DalishareError
 from .intervals import SHUTDOWN_LIMIT_S, STATUS_LOG_INTERVAL_S
 from .producer import ServeOptions
+from .producer.stage import GPU_STAGE_THREADS
 
 DEFAULTS = ServeOptions()
 
@@ -130,7 +131,7 @@ def _add_serve(sub) -> None:
     serve.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="stop after N epochs (default: run until stopped)")
     serve.add_argument("--min-consumers", type=int, default=DEFAULTS.min_consumers,
                        help="jobs to wait for before the first batch (default: %(default)s)")
-    serve.add_argument("--threads", type=int, default=DEFAULTS.num_threads, help="DALI CPU threads (default: all cores)")
+    serve.add_argument("--threads", type=int, default=DEFAULTS.num_threads, help=f"DALI CPU threads (default: all cores; with --device gpu, at most {GPU_STAGE_THREADS})")
     serve.add_argument("--heartbeat-timeout", type=float, default=DEFAULTS.heartbeat_timeout,
                        help="seconds of silence before a job's socket is checked (default: %(default)s)")
     serve.add_argument("--stall-timeout", type=float, default=DEFAULTS.stall_timeout,

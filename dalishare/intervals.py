@@ -13,13 +13,16 @@ REAP_INTERVAL_S = 0.25
 IDLE_POLL_MS = 50
 """How long the serve loop waits for a control message when it cannot produce."""
 
-DEVICE_FREE_GRACE_S = 2.0
-"""How long a stopping producer waits for its jobs to release the slots of a device ring before it
-frees the memory (NOTE [ Producer shutdown ])."""
+DEVICE_UNMAP_LIMIT_S = 10.0
+"""How long a stopping producer waits for the jobs that map its GPU memory (a device ring or a GPU
+cache) to unmap it (a job does at its next call into the iterator after ``Stop``, once its GPU reads
+are done and no view of it is live) or die. Memory still mapped then is never freed by the producer
+but left to the driver at its exit (NOTE [ Producer shutdown ]). Below docker stop's 10 s grace plus
+the teardown's other waits only if the jobs cooperate; give containers --stop-timeout 30."""
 
 SHUTDOWN_LIMIT_S = 30
 """Once its serve loop ends (done, failed, or SIGINT/SIGTERM), the longest a producer's teardown may
-take before it prints where it hangs and exits. Above the sum of its bounded waits: DEVICE_FREE_GRACE_S,
+take before it prints where it hangs and exits. Above the sum of its bounded waits: DEVICE_UNMAP_LIMIT_S,
 WORKER_QUIT_S, STAGE_REAP_S, CONTEXT_TERM_GRACE_S plus the channel's linger, METRICS_STOP_S."""
 
 CONTEXT_TERM_GRACE_S = 2.0

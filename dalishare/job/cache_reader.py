@@ -101,6 +101,10 @@ class CacheReader:
         self.passes += 1
         self.session.epoch_done(self.passes)
 
+    def unmap_device_memory(self) -> bool:
+        """The producer stops: a GPU cache's rows are unmapped (the pass ends at its next poll)."""
+        return self.cache is None or self.cache.unmap_rows()
+
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()

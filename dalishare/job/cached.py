@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ProducerLost
 from ..shm import RingLayout, attach_ring
 from ..shm.cache import CacheView, Mark
 from .views import slot_tensors
@@ -43,6 +44,8 @@ class CachedSamples:
         """The samples ``indices`` (all VALID) as one tensor this job owns, on ``target``: one copy
         from the cache (a gather on the GPU for a GPU cache), plus one to ``target`` if it is elsewhere."""
         n = len(indices)
+        if self._gpu_rows is None and not self.layout.rows_in_file:
+            raise ProducerLost("the producer stopped and this job has unmapped its GPU cache; read no further")
         if self._gpu_rows is not None:
             index = torch.from_numpy(indices).pin_memory().to(self.device, non_blocking=True)
             images = self._gpu_rows.index_select(0, index).view(dtype).view(n, *shape)  # on the current stream
@@ -51,11 +54,18 @@ class CachedSamples:
         self.view.gather(indices, images.numpy())
         return images if target.type == "cpu" else images.to(target, non_blocking=True)
 
+    def unmap_rows(self) -> bool:
+        """Unmap a GPU cache's rows, after the gathers queued on this job's streams have read them
+        (unmapping memory a kernel still reads is undefined); whether the mapping is gone."""
+        ring, self._ring, self._gpu_rows = self._ring, None, None
+        if ring is None:
+            return True
+        torch.cuda.synchronize(self.device)
+        ring.close()
+        return not ring.mapped
+
     def close(self) -> None:
-        self._gpu_rows = None
-        if self._ring is not None:
-            self._ring.close()
-            self._ring = None
+        self.unmap_rows()
         self.marks = self.labels = None
         self.view.close()
 

@@ -47,8 +47,13 @@ class DaliShareIterator:
     gathered from the cache into tensors the job owns (so ``keep`` and ``copy`` do not matter), in
     the producer's order or, with ``seed``, the job's own.
 
-    ``images`` is a view of the ring (no copy) when it lies inside one producer batch and ``device``
-    is where the ring is. Never write to it (host memory is mapped read-only, so that faults). It
+    From a ring in host memory, ``images`` is a view of the ring (no copy) when it lies inside one
+    producer batch and ``device`` is the CPU; the ring is mapped read-only, so a write faults instead
+    of changing the other jobs' batches. From a ring in GPU memory, which CUDA IPC cannot map
+    read-only, each batch is by default a copy the job owns (one device-to-device copy, queued on
+    its stream); ``copy=False`` opts into views there too, and then a job that writes into ``images``
+    (an in-place augmentation, ``images.sub_()``, a ``out=``) silently changes the pixels every other
+    job reads. A view
     stays valid while anything refers to it, up to ``keep`` further batches: a loop that takes the
     next batch before it is done with this one (a one-ahead prefetcher, Lightning's fetcher, a
     pinning thread) is safe with the default ``keep=2``. A view still referenced after ``keep``
@@ -63,7 +68,9 @@ class DaliShareIterator:
         batch_size: this job's batch size (default: the producer's).
         device: where batches go (default: where the ring is). Another GPU or the CPU costs one copy.
         augment: callable applied to each batch dict on this job's side.
-        copy: yield tensors the job owns instead of views of the ring.
+        copy: True: tensors the job owns, never views of the ring; False: views wherever a batch lies
+            in one producer batch, also of a GPU ring (zero copy; the hazard above); None (default):
+            views of a host ring, copies of a GPU ring.
         keep: how many further batches the job may take while still using a view (default 2; 0:
             unchecked, a view is given back at the next step whatever refers to it).
         attach_timeout: seconds to wait for the producer to answer, then `ProducerNotFound`.
@@ -99,7 +106,7 @@ class DaliShareIterator:
     """
 
     def __init__(self, name: str = "default", batch_size: int | None = None, device=None,
-                 augment: Callable | None = None, *, copy: bool = False, keep: int = 2, attach_timeout: float = 60.0,
+                 augment: Callable | None = None, *, copy: bool | None = None, keep: int = 2, attach_timeout: float = 60.0,
                  batch_timeout: float = 600.0, heartbeat_interval: float = 1.0, reconnect: bool = False,
                  reconnect_timeout: float = 600.0, seed: int | None = None, group: str | None = None,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,

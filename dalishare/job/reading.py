@@ -24,7 +24,7 @@ class ReadOptions:
 
     batch_size: int | None = None      # None: the producer's
     device: torch.device | None = None  # None: where the producer's data is
-    copy: bool = False
+    copy: bool | None = None           # None: own copies from a GPU ring, views of a host ring (RingReader)
     seed: int | None = None            # the job's own order (a cache only)
     member: Membership | None = None   # None: an independent job
     drop_last: bool = False
@@ -41,7 +41,10 @@ class Reader(Protocol):
     where the job is in the pass's order after the last batch; ``epoch_read`` says whether the pass
     read its epoch to the end; ``end_pass()`` counts a pass that ended or was left;
     ``leave_last_pass(resume)`` lets go of a pass left by a break before the next begins (unless a
-    state loaded since, ``resume``, is in it: then the next pass reads on in it)."""
+    state loaded since, ``resume``, is in it: then the next pass reads on in it);
+    ``unmap_device_memory()``, once the producer said Stop and this job's GPU reads of its memory
+    are done, ends the pass and unmaps the producer's GPU memory, returning whether no view a user
+    still holds keeps it mapped (NOTE [ Producer shutdown ])."""
 
     source: str                # "ring" or "cache": what a saved position is a position in
     device: torch.device       # where the producer's data is
@@ -58,6 +61,7 @@ class Reader(Protocol):
     def begin_pass(self, resume: tuple[int, int] | None) -> tuple[int, int] | None: ...
     def next_batch(self) -> dict | None: ...
     def end_pass(self) -> None: ...
+    def unmap_device_memory(self) -> bool: ...
     def close(self) -> None: ...
 
 

@@ -39,6 +39,9 @@ class RingReader:
         self.session, self.ring, self.options = session, ring, options  # the ring is closed by open_reader if this fails
         self.slot_tensors, self.device = slot_tensors(ring)
         self.target = target_device(options.device, self.device)
+        # own copies unless asked otherwise where the ring is writable (GPU memory: a job writing into
+        # a view would change every job's batch); a host ring is mapped read-only, so views are safe
+        self.copies = options.copy if options.copy is not None else ring.device is not None
         self.rebatcher = Rebatcher(options.batch_size or session.producer_batch_size)
         self.batch_size = self.rebatcher.batch_size
         self.splits = options.member is not None or session.shard[1] > 1  # batches carry "padded"
@@ -142,6 +145,13 @@ class RingReader:
     def end_pass(self) -> None:
         """Nothing to count: what a pass left unread is given back when the next begins."""
 
+    def unmap_device_memory(self) -> bool:
+        """The producer stops: the rest of the batch being read is not read; the ring is unmapped."""
+        ring = self.ring
+        self.rebatcher.end_epoch()
+        self.close()
+        return ring is None or not ring.mapped
+
     def close(self) -> None:
         if self.ring is not None:
             self.slot_tensors = []
@@ -164,8 +174,8 @@ class RingReader:
         images, labels, indices = self._tensors(piece)
         if images.device != self.target:
             images = images.to(self.target)  # one copy: to the CPU (synchronous), another GPU, or a GPU
-        elif self.options.copy:
-            images = images.clone()
+        elif self.copies:
+            images = images.clone()  # on a GPU: one device-to-device copy, queued on the job's stream
         else:  # a view with a storage of its own, so the window knows while it is referenced
             sample_bytes = math.prod(session.sample_shape) * session.dtype.itemsize
             images, lease = leased_view(self.ring, piece.msg.slot, piece.offset * sample_bytes,

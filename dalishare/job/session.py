@@ -79,10 +79,13 @@ class Session:
         self.stop_kind: StopKind | None = None
         self.failure: str | None = None       # the producer's own error, when it stopped by failing
         self.suspensions = 0
+        self._batch_timeout = options.batch_timeout  # how long a stopping job waits for its GPU reads
+        self.said_bye = False  # Bye went out: at close(), or once told to stop with the GPU memory unmapped
         self.job_id: int | None = None
         self.releases: SlotReleases | None = None
         self.heartbeat: HeartbeatThread | None = None
         self.reader: Reader | None = None  # the ring's or the cache's, from the Welcome
+        self.data_device = torch.device("cpu")  # where the ring, or the cache, is: the reader's, from the Welcome
         self.channel = JobChannel(endpoint)
         self.lifeline: names.Lifeline | None = None  # held from the Hello until closed: NOTE [ Lifelines ]
         self.producer_lock: str | None = None  # its name lock's text when it welcomed us: tells it from a successor
@@ -99,7 +102,7 @@ class Session:
             self.producer_seed, self.producer_epochs = welcome.seed, welcome.epochs
             self.shard, self.fingerprint = tuple(welcome.shard), welcome.fingerprint
             self.reader = open_reader(self, welcome, options)
-            self.data_device = self.reader.device  # where the ring, or the cache, is
+            self.data_device = self.reader.device
             gpu = self.data_device if self.data_device.type == "cuda" else None
             self.releases = SlotReleases(self._release, gpu)
             self.heartbeat = HeartbeatThread(self.channel.sibling(endpoint), self.job_id, heartbeat_interval,
@@ -113,19 +116,14 @@ class Session:
         """Give back what is held (after its GPU reads, up to ``timeout`` s), say goodbye, stop the
         heartbeat, close the channel, unmap the ring. Views the job still holds may change after."""
         if self.releases is not None:
-            try:
-                for seq in self.window.take_all():
-                    self.releases.done_reading(seq)
-                self.releases.wait_below(1, timeout=timeout)
-            except Exception as exc:  # a timeout, or a CUDA error: still close everything below
-                log.warning("job %s leaves with GPU reads of the ring still in flight: %s", self.job_id, exc)
+            self._give_back_all(timeout)
             self.releases.forget()
             self.releases = None
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat = None
         if self.channel is not None:
-            if self.job_id is not None:
+            if self.job_id is not None and not self.said_bye:
                 self.channel.send(Bye(self.job_id, f"failed: {failure}" if failure else "closed", bool(failure)))
             self.channel.close()
             self.channel = None
@@ -134,6 +132,24 @@ class Session:
         if self.lifeline is not None:  # last: until here the producer must not take us for dead
             self.lifeline.release()
             self.lifeline = None
+
+    def _give_back_all(self, timeout: float) -> None:
+        """Give back every slot held, and wait up to ``timeout`` s for the GPU work that reads them."""
+        try:
+            for seq in self.window.take_all():
+                self.releases.done_reading(seq)
+            self.releases.wait_below(1, timeout=timeout)
+        except Exception as exc:  # a timeout, or a CUDA error: whoever called goes on
+            log.warning("job %s leaves with GPU reads of the ring still in flight: %s", self.job_id, exc)
+
+    def _unmap_device_memory(self) -> None:
+        """Told to stop: once this job's GPU is done reading the producer's GPU memory, unmap it and
+        say Bye, so the producer may free it (NOTE [ Producer shutdown ]). A view the user still
+        holds (``copy=False``) keeps the mapping; the Bye then waits for close()."""
+        self._give_back_all(self._batch_timeout)
+        if self.reader.unmap_device_memory():
+            self.channel.send(Bye(self.job_id, "unmapped the producer's GPU memory after its Stop", False))
+            self.said_bye = True
 
     def producer_alive(self) -> bool:
         """By its name lock (NOTE [ Lifelines ], shm/names.py), whatever pid namespace it runs in."""
@@ -285,6 +301,8 @@ class Session:
             self.failure = msg.reason
         else:
             log.warning("producer %r stopped: %s", self.name, msg.reason)
+        if self.data_device.type == "cuda":
+            self._unmap_device_memory()
 
     def await_suspension(self, batch_timeout: float) -> None:
         """A slot changed under this job, so the producer suspended it: wait for that message."""

@@ -137,8 +137,8 @@ class CacheServing(Serving):
     def summary(self) -> str:
         return f"{self.tasks_filled} fill tasks done"
 
-    def close(self) -> None:
-        self.cache.close()
+    def close(self, free: bool = True) -> None:
+        self.cache.close(free)
 
     # -- status ---------------------------------------------------------------------------------
 

@@ -115,9 +115,10 @@ class ServedCache:
         return {"path": str(self.store.path), "layout": self.layout.to_wire(),
                 "rows": self.rows.layout.to_wire() if self.rows is not None else {}}
 
-    def close(self) -> None:
+    def close(self, free: bool = True) -> None:
+        """``free``: False if jobs may still map the GPU rows (NOTE [ Producer shutdown ])."""
         if self.rows is not None:
-            self.rows.close()
+            self.rows.close(free=free)
         self.store.close(remove=self.mode is not CacheMode.DISK)
 
 

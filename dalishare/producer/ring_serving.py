@@ -200,13 +200,14 @@ class RingServing(Serving):
         return not self.slots.unread(job.id, job.taken)
 
     def readers(self) -> int:
-        return self.slots.held_count() if self.ring.layout.kind == RingKind.DEVICE else 0
+        """Every attached job maps a device ring until it says Bye or dies."""
+        return len(self.ctx.jobs) if self.ring.layout.kind == RingKind.DEVICE else 0
 
     def summary(self) -> str:
         return f"{self.announced} batches announced"
 
-    def close(self) -> None:
-        self.ring.close()
+    def close(self, free: bool = True) -> None:
+        self.ring.close() if free else self.ring.close(free=False)  # only a device ring is kept (readers)
 
     # -- status ---------------------------------------------------------------------------------
 

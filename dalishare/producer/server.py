@@ -22,8 +22,9 @@ or signal releases exactly what exists, in the reverse order:
    gave the sample shape (a DIR cache stays; a memory or GPU cache is removed);
 5. after the output: the stage worker is ended before it is freed (it may be writing a slot or
    rows), and before that every job is told ``Stop`` (finished, stopped or failed, with the reason)
-   and, for device memory, given up to DEVICE_FREE_GRACE_S to release its slots or leave (freeing
-   memory another process reads is undefined in CUDA).
+   and, for device memory, given up to DEVICE_UNMAP_LIMIT_S to unmap it (a job told to stop drops its
+   mappings and says ``Bye``) or die: freeing memory another process maps is undefined in CUDA, so
+   memory still mapped then is not freed but left to the driver, which reclaims it when this process ends.
 
 A killed producer runs none of this: its stage processes get SIGKILL from the kernel
 (PR_SET_PDEATHSIG), the kernel drops the lock, the next ``serve`` of the name or ``dalishare
@@ -45,7 +46,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError
-from ..intervals import (DEAD_JOB_DRAIN_MS, DEVICE_FREE_GRACE_S, IDLE_POLL_MS, REAP_INTERVAL_S, STATUS_LIVE_REFRESH_S)
+from ..intervals import (DEAD_JOB_DRAIN_MS, DEVICE_UNMAP_LIMIT_S, IDLE_POLL_MS, REAP_INTERVAL_S, STATUS_LIVE_REFRESH_S)
 from ..shm import names
 from ..wire.channel import ProducerChannel
 from ..wire.messages import (PROTOCOL_VERSION, Bye, EpochDone, GroupLost, Heartbeat, Hello, JobStatus, Reject,
@@ -98,6 +99,7 @@ class Producer:
         self._resources: contextlib.ExitStack | None = None  # the teardown (NOTE [ Producer shutdown ]), during serve()
         self._fingerprint: dict = {}  # what the ranks of a group compare (filling.fingerprint); set on SERVING
         self._told_jobs = False  # the farewell Stop went out
+        self._keep_device_memory = False  # jobs still mapped it DEVICE_UNMAP_LIMIT_S after the Stop: never freed
         self._started_at = time.monotonic()
         self._decoded = Rate()  # Context.decoded over time, for status
         self._scan: ScanThread | None = None
@@ -149,8 +151,8 @@ class Producer:
             names.remove_lifelines(self.options.name)  # told to stop, no job is checked any more
 
     def _tell_jobs(self) -> None:
-        """Tell every job (and every job still waiting for the start) why we stop; give the readers of
-        device memory (a GPU ring or cache) a moment to finish. Once."""
+        """Tell every job (and every job still waiting for the start) why we stop; wait, boundedly, for
+        the jobs that map device memory (a GPU ring or cache) to unmap it or die. Once."""
         if self._told_jobs:
             return
         self._told_jobs = True
@@ -159,13 +161,15 @@ class Producer:
         self._lobby.tell(stop)
         for job in self._jobs:
             self._send(job, stop)
-        deadline = time.monotonic() + DEVICE_FREE_GRACE_S
+        deadline = time.monotonic() + DEVICE_UNMAP_LIMIT_S
         while self.serving.readers() and time.monotonic() < deadline:
             self._handle_messages(timeout_ms=20, wake_for_stage=False)  # the stage's messages wait: we stop
             self._detach_dead()
         if self.serving.readers():
-            log.warning("freeing device memory while %d job(s) or slot(s) may still read it; they were told to stop",
-                        self.serving.readers())
+            self._keep_device_memory = True
+            log.warning("%d job(s) still map this producer's GPU memory %.0f s after they were told to stop; it is "
+                        "not freed but left to the driver, which reclaims it when this process ends",
+                        self.serving.readers(), DEVICE_UNMAP_LIMIT_S)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -233,7 +237,7 @@ class Producer:
     def _serve(self, output: Serving) -> None:
         """The output exists: register its teardown, start it, welcome the jobs that waited."""
         resources, opts, dataset = self._resources, self.options, self._ctx.dataset
-        resources.callback(output.close)
+        resources.callback(lambda: output.close(free=not self._keep_device_memory))
         resources.callback(self._stop_stage, "the producer stops")  # before the output is freed
         self.serving = output
         output.begin()  # may start the stage worker (a DIR cache with rows missing): registered after

@@ -152,16 +152,17 @@ class Serving:
         return True
 
     def readers(self) -> int:
-        """Holds on device memory that jobs may still read: freeing it then is undefined in CUDA, so
-        a stopping producer waits for them to reach 0 (NOTE [ Producer shutdown ])."""
+        """Jobs that map device memory: freeing it then is undefined in CUDA, so a stopping producer
+        waits, boundedly, for them to reach 0 (NOTE [ Producer shutdown ])."""
         return 0
 
     def summary(self) -> str:
         """What it served, for the producer's last log line."""
         return "nothing served"
 
-    def close(self) -> None:
-        """Free the ring or cache (after the jobs were told and the worker ended)."""
+    def close(self, free: bool = True) -> None:
+        """Free the ring or cache (after the jobs were told and the worker ended); ``free`` False:
+        leave device memory that jobs still map to the driver (NOTE [ Producer shutdown ])."""
 
     # -- status ---------------------------------------------------------------------------------
 

@@ -85,6 +85,20 @@ class StageBatch:
         on the same GPU for a GPU one). Returns when the copy has finished."""
         self.data.copy_to_external(ctypes.c_void_p(address))  # GPU: blocking, on a DALI stream
 
+    def copy_samples_to(self, addresses: list[int], stream=None) -> None:
+        """Copy sample i to ``addresses[i]`` (host memory for a CPU batch; for a GPU one, device
+        memory on the same GPU, queued on ``stream``, a CUDA stream object), straight from DALI's
+        buffers. Returns when every copy has finished."""
+        if len(addresses) != self.count:
+            raise ValueError(f"{len(addresses)} addresses for a batch of {self.count}")
+        for i, address in enumerate(addresses):
+            if self.on_gpu:  # ordered after DALI's own work on the sample (it syncs its buffer's stream)
+                self.data[i].copy_to_external(ctypes.c_void_p(address), cuda_stream=stream, non_blocking=True)
+            else:
+                self.data[i].copy_to_external(ctypes.c_void_p(address))
+        if self.on_gpu and stream is not None:
+            stream.synchronize()
+
     @property
     def on_gpu(self) -> bool:
         from nvidia.dali.tensors import TensorListGPU
@@ -111,6 +125,20 @@ def build_fed_pipeline(stage: Callable, *, batch_size: int, device: str = "cpu",
                           prefetch=1)
 
 
+GPU_STAGE_THREADS = 8
+"""The default cap on a GPU stage's DALI CPU threads (``--threads`` overrides it). The mixed decoder
+still parses and Huffman-decodes on the CPU what its hardware decoder does not take, but one thread
+per core starves the jobs' own CPU work: with 64 threads it used 24 cores (DALI#5274).
+bench/gpu_check.py measures what the cap costs against all cores."""
+
+
+def default_threads(device_id: int | None) -> int:
+    """DALI CPU threads when ``--threads`` is not given: every core on the CPU, at most
+    GPU_STAGE_THREADS with a GPU."""
+    cores = os.cpu_count() or 1
+    return cores if device_id is None else min(cores, GPU_STAGE_THREADS)
+
+
 def build_pipeline(stage: Callable, source: Callable | None, *, batch_size: int, device: str = "cpu",
                    num_threads: int | None = None, seed: int = 0, prefetch: int = 2, **options):
     """A DALI pipeline that feeds ``source()`` (a list of encoded images, up to ``batch_size``; None:
@@ -119,7 +147,7 @@ def build_pipeline(stage: Callable, source: Callable | None, *, batch_size: int,
 
     device_id = parse_device(device)
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1,
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads or default_threads(device_id),
                   device_id=device_id, seed=seed, prefetch_queue_depth=prefetch, **options)
     def pipeline():
         jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8, name="encoded") if source \

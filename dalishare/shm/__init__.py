@@ -51,7 +51,10 @@ NOTE [ Slot ownership ]
   memory with its context; its jobs get `ProducerLost` and read the ring no more. A dead job's mappings go with its
   process; the producer frees the job's slots when it notices the death (``producer.server.Producer._reap``).
 - Closing. A job closes its IPC mapping when the last view of it goes: at ``close()`` unless the
-  user still holds a yielded tensor (then with that tensor), never under a live view.
+  user still holds a yielded tensor (then with that tensor), never under a live view; told ``Stop``,
+  it unmaps at once if it can (its GPU reads done, no live view) and says ``Bye``. The producer frees
+  device memory only once every job that maps it has left or died, waiting up to
+  DEVICE_UNMAP_LIMIT_S, and never under a job that still maps it (NOTE [ Producer shutdown ]).
 
 The producer side is `create_ring(...)`, the job side `attach_ring(layout)`. Neither imports DALI
 or torch: the producer hands over batches with ``nbytes`` and ``copy_to(address)``, and a job gets

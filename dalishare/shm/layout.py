@@ -26,6 +26,7 @@ class RingLayout:
     slot_bytes: int    # the slots follow each other; the header holds one int64 per slot, the seq it holds
     gpu: str = ""      # device ring: the PCI bus id of its GPU (ordinals differ between processes)
     handle: bytes = b""  # device ring: the CUDA IPC handle of its one allocation
+    pid_ns: int = 0    # device ring: the producer's pid namespace (inode), where its IPC handle opens; 0: unknown
 
     def to_wire(self) -> dict:
         return asdict(self)
@@ -34,7 +35,8 @@ class RingLayout:
     def from_wire(cls, d: dict) -> "RingLayout":
         try:
             layout = cls(kind=str(d["kind"]), segment=str(d["segment"]), slots=int(d["slots"]),
-                         slot_bytes=int(d["slot_bytes"]), gpu=str(d.get("gpu", "")), handle=bytes(d.get("handle", b"")))
+                         slot_bytes=int(d["slot_bytes"]), gpu=str(d.get("gpu", "")), handle=bytes(d.get("handle", b"")),
+                         pid_ns=int(d.get("pid_ns", 0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"the producer sent a malformed ring layout ({exc!r}); upgrade dalishare") from None
         if layout.kind == RingKind.DEVICE and (len(layout.handle) != IPC_HANDLE_BYTES or not layout.gpu):

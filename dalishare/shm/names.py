@@ -96,6 +96,15 @@ def pid_alive(pid: int) -> bool:
     return fields is not None and fields[0] not in ("Z", "X")
 
 
+def pid_namespace() -> int:
+    """This process's pid namespace (the inode of /proc/self/ns/pid): CUDA IPC handles open only in
+    the namespace they were made in; 0 where the kernel does not say."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def try_lock(path: Path, create: bool) -> int | None:
     """flock ``path`` without blocking: its fd, or None if another process holds it (or, without
     ``create``, it does not exist).

@@ -71,9 +71,10 @@ import msgpack
 
 from ..errors import ProtocolError
 
-PROTOCOL_VERSION = 7  # 2: Hello.keep, Heartbeat.taken; 3: Starting; 4: the cache (Welcome.cache, EpochDone);
+PROTOCOL_VERSION = 8  # 2: Hello.keep, Heartbeat.taken; 3: Starting; 4: the cache (Welcome.cache, EpochDone);
 # 5: consumer groups and shards (Hello.group/rank/world, Welcome.shard/fingerprint, GroupLost);
-# 6: status (StatusQuery, StatusReport, Hello.batch_size, Heartbeat.read); 7: Hello.lifeline
+# 6: status (StatusQuery, StatusReport, Hello.batch_size, Heartbeat.read); 7: Hello.lifeline;
+# 8: the device ring's layout names its pid namespace (RingLayout.pid_ns)
 MAX_MESSAGE_BYTES = 1 << 20  # a batch announcement of 10,000 samples is ~170 kB
 
 

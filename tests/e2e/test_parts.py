@@ -193,3 +193,20 @@ def test_stateful_ops_names_the_random_operators_of_a_stage_and_none_of_the_resn
     pipe = build_pipeline(load_stage(random_stage), None, batch_size=2)
     assert stateful_ops(pipe) == ["fn.random.coin_flip", "fn.random_resized_crop"]
     assert stateful_ops(build_pipeline(load_stage(RESNET), None, batch_size=2)) == []
+
+
+def test_a_stage_batch_copies_each_sample_to_its_own_address_as_the_gpu_cache_fill_does(tmp_path):
+    # issue 20: the GPU cache is filled sample by sample from DALI's buffers (no gather kernel); the
+    # same method on a CPU batch, against the dense copy of the same batch
+    from dalishare.producer.stage import StageBatch, build_pipeline, read_encoded
+
+    dataset = make_dataset(tmp_path / "data", {"a": 3})
+    pipe = build_pipeline(load_stage(RESNET), None, batch_size=3)
+    pipe.feed_input("encoded", read_encoded(sorted(dataset.rglob("*.jpg"))))
+    batch = StageBatch.of(pipe.run()[0])
+    dense = batch.numpy().reshape(3, -1).copy()
+    rows = np.zeros((5, dense.shape[1]), np.uint8)
+    batch.copy_samples_to([rows[r].ctypes.data for r in (4, 0, 2)])
+    assert (rows[[4, 0, 2]] == dense).all() and not rows[[1, 3]].any()
+    with pytest.raises(ValueError, match="2 addresses for a batch of 3"):
+        batch.copy_samples_to([rows[0].ctypes.data, rows[1].ctypes.data])

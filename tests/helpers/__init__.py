@@ -18,10 +18,11 @@ from dalishare.testing import ProducerProcess, make_image_folder as make_dataset
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 RESNET = ROOT / "pipelines" / "resnet.py"
+CUDA_DECODER_STAGE = HERE / "cuda_decoder_stage.py"  # the GPU tests' stage: the same pixels whichever run decodes
 CLASS_SIZES = {"ants": 10, "bees": 7, "wasps": 13}
 N_SAMPLES = sum(CLASS_SIZES.values())
 
-__all__ = ["CLASS_SIZES", "GpuJob", "Job", "PRODUCER_BATCH", "check_exactly_once_and_pixels", "expected_checksums", "N_SAMPLES", "RESNET", "ROOT", "Server", "expected_labels", "gpu_count", "make_dataset"]
+__all__ = ["CUDA_DECODER_STAGE", "CLASS_SIZES", "GpuJob", "Job", "PRODUCER_BATCH", "check_exactly_once_and_pixels", "expected_checksums", "N_SAMPLES", "RESNET", "ROOT", "Server", "expected_labels", "gpu_count", "make_dataset"]
 
 
 def gpu_count(torch_too: bool = True) -> int:
@@ -108,7 +109,7 @@ def GpuJob(out, **spec) -> Job:
     return Job(out, script="gpu_job.py", **spec)
 
 
-def expected_checksums(data, device: str, epochs: int, batch_size: int = PRODUCER_BATCH) -> dict:
+def expected_checksums(data, device: str, epochs: int, batch_size: int = PRODUCER_BATCH, pipeline: Path = RESNET) -> dict:
     """{(epoch, index): checksum} of the stage run directly in DALI, batch by batch as the producer
     cuts them (the mixed decoder may split a batch between its hardware and CUDA decoders)."""
     import torch
@@ -118,7 +119,7 @@ def expected_checksums(data, device: str, epochs: int, batch_size: int = PRODUCE
     from dalishare.wire.order import epoch_order
     from dalishare.producer.stage import load_stage, standalone_batches
 
-    ds, stage, expected = scan(data), load_stage(RESNET), {}
+    ds, stage, expected = scan(data), load_stage(pipeline), {}
     for epoch in range(epochs):
         order = epoch_order(len(ds), 0, epoch)
         batches = standalone_batches(stage, [ds.files[i] for i in order], batch_size, device=device)

@@ -5,7 +5,11 @@ Spec (JSON in argv[1]): name, out, batch_size, device (None: where the ring is),
 ``slow_ms`` (a GPU kernel that spins this long before the checksum kernels read the batch, queued
 without waiting: the job runs ahead of its GPU), ``die`` = batches after which it SIGKILLs itself,
 ``expect_lost`` (the producer will be killed: record the error instead of failing), ``prefetch``
-(take batch k+1 before queuing the step on batch k, as a one-ahead prefetcher does).
+(take batch k+1 before queuing the step on batch k, as a one-ahead prefetcher does), ``copy``
+(DaliShareIterator's), ``zero`` (write zeros into each batch after queuing its checksum, as an
+in-place augmentation would), ``hold_s`` (keep the first batch, say so in OUT.holding, sleep this
+long, then check it still holds the same pixels), ``close_first`` (close the iterator before waiting
+for the queued checksums), ``expect_error`` (record a DalishareError at attach instead of failing).
 """
 
 import json
@@ -15,7 +19,9 @@ import sys
 
 import torch
 
-from dalishare import DaliShareIterator, ProducerLost
+import time
+
+from dalishare import DaliShareIterator, DalishareError, ProducerLost
 
 _WEIGHTS: dict = {}
 
@@ -58,8 +64,15 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     record = {"passes": [], "lost": None, "in_ring": 0, "copies": 0}
     sums, done, batch, images = [], 0, None, None
-    loader = DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), device=spec.get("device"),
-                               attach_timeout=120)
+    try:
+        loader = DaliShareIterator(spec["name"], batch_size=spec.get("batch_size"), device=spec.get("device"),
+                                   copy=spec.get("copy"), attach_timeout=120)
+    except DalishareError as exc:
+        if not spec.get("expect_error"):
+            raise
+        with open(spec["out"], "w") as f:
+            json.dump({"error": f"{type(exc).__name__}: {exc}"}, f)
+        return
     open(spec["out"] + ".attached", "w").close()  # lets a test wait for the attach itself
     ring = loader._ring
     span = getattr(ring, "span", None)
@@ -80,17 +93,30 @@ def main() -> None:
                 if spec.get("slow_ms") and images.is_cuda:
                     spin(spec["slow_ms"])
                 sums.append(checksum(images))
+                if spec.get("zero"):
+                    images.zero_()  # after the checksum on the same stream: this job's sums stay right
+                if spec.get("hold_s") and done == 1:
+                    held, held_sum = images, sums[-1]
+                    open(spec["out"] + ".holding", "w").close()
+                    time.sleep(spec["hold_s"])
                 indices += batch["indices"].tolist()
             record["passes"].append({"epoch": loader.epoch, "indices": indices})
     except ProducerLost as exc:
         if not spec.get("expect_lost"):
             raise
         record["lost"] = str(exc)
+    if spec.get("hold_s"):  # the producer was stopped meanwhile: it must not have freed what we hold
+        record["held_intact"] = bool((checksum(held) == held_sum).all())
+        del held
+    if spec.get("close_first"):
+        del batch, images
+        loader.close()  # the checksums queued last still read the cache's rows
     flat = torch.cat(sums).tolist() if sums else []  # waits for the queued checksums
     record["checksums"] = flat
     record["handoff_ns"] = list(loader.handoff_ns)
-    del batch, images
-    loader.close()
+    if not spec.get("close_first"):
+        del batch, images
+        loader.close()
     record["mapped_after_close"] = getattr(ring, "mapped", False)
     with open(spec["out"], "w") as f:
         json.dump(record, f)

@@ -168,3 +168,43 @@ def test_a_job_that_holds_every_slot_is_told_so_instead_of_waiting_forever():
     with pytest.raises(BatchHeldTooLong, match="holds all 2 slots"):
         reader.next_batch()
     assert all(isinstance(b["images"], torch.Tensor) for b in held)
+
+
+class DeviceLikeRing(FakeRing):
+    """A ring whose memory the producer's GPU holds (its slots here: host arrays, for the test)."""
+
+    device = 0
+    mapped = True
+
+    def close(self) -> None:
+        super().close()
+        self.mapped = False
+
+
+def device_reader(monkeypatch, options):
+    from dalishare.job import ring_reader
+
+    monkeypatch.setattr(ring_reader, "slot_tensors", lambda ring: (
+        [torch.from_numpy(m) for m in ring.memory], torch.device("cpu")))
+    ring = DeviceLikeRing()
+    session = FakeSession(batch_size=4, epoch_size=8, stream=epoch_stream(ring, 0, list(range(8)), 4))
+    session.on_announce = ring.write
+    return RingReader(session, ring, options), ring
+
+
+@pytest.mark.parametrize("copy, views", [(None, False), (False, True), (True, False)])
+def test_batches_of_a_gpu_ring_are_the_job_s_own_copies_unless_it_opts_into_views(monkeypatch, copy, views):
+    # issue 20: CUDA IPC maps device memory writable, so a view would let one job change every job's pixels
+    reader, ring = device_reader(monkeypatch, ReadOptions(batch_size=4, copy=copy))
+    _, batches, _ = read_pass(reader)
+    assert reader.copies is not views and [b["view"] for b in batches] == [views, views]
+    assert [b["samples"] for b in batches] == [list(range(4)), list(range(4, 8))]
+
+
+def test_a_stopping_producer_s_gpu_ring_is_unmapped_and_the_pass_ends_at_once(monkeypatch):
+    reader, ring = device_reader(monkeypatch, ReadOptions(batch_size=2))
+    reader.begin_pass(None)
+    assert reader.next_batch()["indices"].tolist() == [0, 1]  # half of producer batch 0 is read
+    assert reader.unmap_device_memory() and ring.closed
+    assert reader.next_batch() is None  # the rest is not read: the producer is going away
+    assert not reader.epoch_read
