@@ -18,9 +18,11 @@ DEVICE_UNMAP_LIMIT_S = 10.0
 cache) to unmap it (a job does at its next call into the iterator after ``Stop``, once its GPU reads
 are done and no view of it is live) or die. Memory still mapped then is never freed by the producer
 but left to the driver at its exit (NOTE [ Producer shutdown ]). Below docker stop's 10 s grace plus
-the teardown's other waits only if the jobs cooperate; give containers --stop-timeout 30."""
+the teardown's other waits only if the jobs cooperate; give containers --stop-timeout 40. A job that
+is done reading should close its iterator (or leave its ``with`` block) before a long evaluation:
+until it calls into the iterator again it cannot hear the ``Stop``."""
 
-SHUTDOWN_LIMIT_S = 30
+SHUTDOWN_LIMIT_S = 40
 """Once its serve loop ends (done, failed, or SIGINT/SIGTERM), the longest a producer's teardown may
 take before it prints where it hangs and exits. Above the sum of its bounded waits: DEVICE_UNMAP_LIMIT_S,
 WORKER_QUIT_S, STAGE_REAP_S, CONTEXT_TERM_GRACE_S plus the channel's linger, METRICS_STOP_S."""

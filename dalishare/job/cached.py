@@ -60,8 +60,11 @@ class CachedSamples:
         ring, self._ring, self._gpu_rows = self._ring, None, None
         if ring is None:
             return True
-        torch.cuda.synchronize(self.device)
-        ring.close()
+        try:
+            if self.device.type == "cuda":  # else the rows never got as far as tensors
+                torch.cuda.synchronize(self.device)
+        finally:
+            ring.close()
         return not ring.mapped
 
     def close(self) -> None:

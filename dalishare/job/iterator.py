@@ -202,8 +202,9 @@ class DaliShareIterator:
     suspensions = property(lambda self: self._session.suspensions,
                            doc="times the producer suspended this job for stalling (this attachment)")
     handoff_ns = property(lambda self: self._counters.handoff_ns, doc="announcement sent -> view ready, per batch")
-    # for tests: the ring mapped and a tensor over each slot (a cache has neither)
-    _ring = property(lambda self: getattr(self._session.reader, "ring", None))
+    # for tests: the ring mapped (or a GPU cache's rows) and a tensor over each slot (a cache has none)
+    _ring = property(lambda self: getattr(self._session.reader, "ring", None)
+                     or getattr(getattr(self._session.reader, "cache", None), "_ring", None))
     _slot_tensors = property(lambda self: getattr(self._session.reader, "slot_tensors", []))
 
     def __len__(self) -> int:

@@ -113,43 +113,50 @@ class Session:
             raise
 
     def close(self, timeout: float, failure: str = "") -> None:
-        """Give back what is held (after its GPU reads, up to ``timeout`` s), say goodbye, stop the
-        heartbeat, close the channel, unmap the ring. Views the job still holds may change after."""
-        if self.releases is not None:
-            self._give_back_all(timeout)
-            self.releases.forget()
-            self.releases = None
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-            self.heartbeat = None
-        if self.channel is not None:
-            if self.job_id is not None and not self.said_bye:
-                self.channel.send(Bye(self.job_id, f"failed: {failure}" if failure else "closed", bool(failure)))
-            self.channel.close()
-            self.channel = None
-        if self.reader is not None:  # kept: its figures (batch size, epoch size) stay readable
-            self.reader.close()
-        if self.lifeline is not None:  # last: until here the producer must not take us for dead
-            self.lifeline.release()
-            self.lifeline = None
+        """Give back what is held (after its GPU reads, up to ``timeout`` s), stop the heartbeat, unmap
+        the ring, say goodbye, close the channel. Views the job still holds may change after (in GPU
+        memory, a ``copy=False`` view held past close() may be freed under it)."""
+        try:
+            if self.releases is not None:
+                self._give_back_all(timeout)
+                self.releases.forget()
+                self.releases = None
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
+                self.heartbeat = None
+            if self.reader is not None:  # before the Bye: the producer may free GPU memory once it has it
+                self.reader.close()     # (the reader is kept: its figures stay readable)
+            if self.channel is not None:
+                if self.job_id is not None and not self.said_bye:
+                    self.channel.send(Bye(self.job_id, f"failed: {failure}" if failure else "closed", bool(failure)))
+                self.channel.close()
+                self.channel = None
+        finally:
+            if self.lifeline is not None:  # last: until here the producer must not take us for dead
+                self.lifeline.release()
+                self.lifeline = None
 
-    def _give_back_all(self, timeout: float) -> None:
-        """Give back every slot held, and wait up to ``timeout`` s for the GPU work that reads them."""
+    def _give_back_all(self, timeout: float) -> bool:
+        """Give back every slot held, and wait up to ``timeout`` s for the GPU work that reads them;
+        whether it finished."""
         try:
             for seq in self.window.take_all():
                 self.releases.done_reading(seq)
             self.releases.wait_below(1, timeout=timeout)
+            return True
         except Exception as exc:  # a timeout, or a CUDA error: whoever called goes on
             log.warning("job %s leaves with GPU reads of the ring still in flight: %s", self.job_id, exc)
+            return False
 
     def _unmap_device_memory(self) -> None:
         """Told to stop: once this job's GPU is done reading the producer's GPU memory, unmap it and
         say Bye, so the producer may free it (NOTE [ Producer shutdown ]). A view the user still
         holds (``copy=False``) keeps the mapping; the Bye then waits for close()."""
-        self._give_back_all(self._batch_timeout)
+        if not self._give_back_all(self._batch_timeout):
+            return  # kernels may still read it: the mapping stays until close(); the producer waits or leaves it
         if self.reader.unmap_device_memory():
             self.channel.send(Bye(self.job_id, "unmapped the producer's GPU memory after its Stop", False))
-            self.said_bye = True
+            self.said_bye = True  # from here on the producer knows this job no more: nothing more is sent
 
     def producer_alive(self) -> bool:
         """By its name lock (NOTE [ Lifelines ], shm/names.py), whatever pid namespace it runs in."""
@@ -163,7 +170,8 @@ class Session:
             self.releases.done_reading(seq)
 
     def _release(self, seq: int) -> None:
-        self.channel.send(Release(self.job_id, seq))  # a gone producer is reported by the next wait
+        if not self.said_bye:
+            self.channel.send(Release(self.job_id, seq))  # a gone producer is reported by the next wait
 
     # -- control channel: NOTE [ Control protocol ] in wire/messages.py -------------------------
 
@@ -264,12 +272,13 @@ class Session:
         return True
 
     def epoch_done(self, epochs: int) -> None:
-        if self.channel is not None:
+        if self.channel is not None and not self.said_bye:
             self.channel.send(EpochDone(self.job_id, epochs))  # a gone producer is reported by the next wait
 
     def heartbeat_now(self) -> None:
         """Tell the producer this job waits for a batch (its stall policy: NOTE [ Slot ownership ])."""
-        self.channel.send(Heartbeat(self.job_id, self.taken, self.read))  # a gone producer is reported by the wait
+        if not self.said_bye:
+            self.channel.send(Heartbeat(self.job_id, self.taken, self.read))  # a gone producer is reported by the wait
 
     def receive_all(self) -> None:
         """Take in every queued message. Raises `GroupBroken` once the producer said a rank of this

@@ -294,7 +294,7 @@ class Producer:
         if self.phase is not Phase.SERVING:
             self._lobby.wait(identity, hello)
             return
-        refusal = self._jobs.refusal(self.options.name, hello)
+        refusal = "the producer is stopping" if self._told_jobs else self._jobs.refusal(self.options.name, hello)
         if refusal:
             self._channel.send(identity, Reject(refusal))
             log.warning("refused a job (pid %d): %s", hello.pid, refusal)

@@ -86,17 +86,22 @@ class StageBatch:
         self.data.copy_to_external(ctypes.c_void_p(address))  # GPU: blocking, on a DALI stream
 
     def copy_samples_to(self, addresses: list[int], stream=None) -> None:
-        """Copy sample i to ``addresses[i]`` (host memory for a CPU batch; for a GPU one, device
-        memory on the same GPU, queued on ``stream``, a CUDA stream object), straight from DALI's
-        buffers. Returns when every copy has finished."""
+        """Copy sample i to ``addresses[i]`` straight from DALI's buffers: host memory for a CPU
+        batch; for a GPU one, device memory on the same GPU, queued on ``stream`` (an object with
+        the CUDA stream handle as ``.ptr``, a CuPy Stream; None: one blocking copy each). Returns
+        when every copy has finished."""
         if len(addresses) != self.count:
             raise ValueError(f"{len(addresses)} addresses for a batch of {self.count}")
+        # the batch is ready: DALI's outputs() returns host-synchronised when given no stream. DALI
+        # reads the stream as a ctypes pointer (an int or a CuPy Stream would be NULL, or crash)
+        queued = self.on_gpu and stream is not None
         for i, address in enumerate(addresses):
-            if self.on_gpu:  # ordered after DALI's own work on the sample (it syncs its buffer's stream)
-                self.data[i].copy_to_external(ctypes.c_void_p(address), cuda_stream=stream, non_blocking=True)
+            if queued:
+                self.data[i].copy_to_external(ctypes.c_void_p(address), cuda_stream=ctypes.c_void_p(stream.ptr),
+                                              non_blocking=True)
             else:
-                self.data[i].copy_to_external(ctypes.c_void_p(address))
-        if self.on_gpu and stream is not None:
+                self.data[i].copy_to_external(ctypes.c_void_p(address))  # blocking
+        if queued:
             stream.synchronize()
 
     @property

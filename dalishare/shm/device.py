@@ -47,8 +47,9 @@ _process_gpu: int | None = None  # the GPU `use_gpu` made this process's own; se
 def use_gpu(index: int) -> None:
     """Make GPU ``index`` this process's current device, once (NOTE [ One GPU per process ])."""
     global _process_gpu
-    if _process_gpu is None:
-        cupy().cuda.runtime.setDevice(index)
+    runtime = cupy().cuda.runtime
+    if _process_gpu is None or (_process_gpu == index and runtime.getDevice() != index):
+        runtime.setDevice(index)  # the current device is per thread: another thread sets it too
         _process_gpu = index
     elif _process_gpu != index:
         raise ConfigError(f"this process already works on GPU {_process_gpu} and was asked for GPU {index}: "
@@ -90,7 +91,8 @@ def check_can_open(layout: RingLayout) -> None:
     """Fail at attach, with the fix, where CUDA IPC cannot work: across pid namespaces, legacy CUDA
     IPC fails with "invalid device context" (vLLM#55906) or worse, so a job in another one (``docker
     run`` without ``--pid=host``) must not try. Host rings need no shared pid namespace (NOTE [ Lifelines ])."""
-    if layout.pid_ns and layout.pid_ns != pid_namespace():
+    mine = pid_namespace()
+    if layout.pid_ns and mine and layout.pid_ns != mine:  # 0 on either side: cannot tell, CUDA decides
         raise ConfigError(
             "the producer keeps its data in GPU memory, shared through CUDA IPC, which needs the producer and "
             "the job in one pid namespace, and this job runs in another: run its container with --pid=host "
@@ -178,21 +180,33 @@ class DeviceRowsWriter:
 
 
 class _IpcMapping:
-    """One opened IPC handle. It is closed when the last view of it goes (tensors a user kept
-    included), never under a live view."""
+    """One opened IPC handle, shared by everything in this process that maps it (CUDA opens a handle
+    once per process: a second open fails). It is closed when the last view of it goes (tensors a
+    user kept included), never under a live view."""
 
-    def __init__(self, layout: RingLayout, gpu: int):
-        cp = cupy()
-        with on_gpu(gpu):
-            try:  # lazy peer access: other GPUs may read it
-                self.ptr = cp.cuda.runtime.ipcOpenMemHandle(layout.handle)
-            except cp.cuda.runtime.CUDARuntimeError as exc:
-                raise ConfigError(
-                    f"cannot open the producer's GPU memory (GPU at PCI {layout.gpu}) through CUDA IPC: {exc}. "
-                    f"CUDA IPC needs the same physical GPU visible here, not a MIG instance of it (IPC does not "
-                    f"cross MIG instances) and not another GPU, and one pid namespace with the producer; serve "
-                    f"with --device cpu where that cannot be had") from None
-        weakref.finalize(self, _close_ipc, self.ptr, gpu)
+    _open: "weakref.WeakValueDictionary[bytes, _IpcMapping]" = weakref.WeakValueDictionary()
+
+    def __new__(cls, layout: RingLayout, gpu: int):
+        mapping = cls._open.get(layout.handle)
+        if mapping is None:
+            mapping = super().__new__(cls)
+            mapping.ptr = _open_ipc(layout, gpu)
+            weakref.finalize(mapping, _close_ipc, mapping.ptr, gpu)
+            cls._open[layout.handle] = mapping
+        return mapping
+
+
+def _open_ipc(layout: RingLayout, gpu: int) -> int:
+    cp = cupy()
+    with on_gpu(gpu):
+        try:  # lazy peer access: other GPUs may read it
+            return cp.cuda.runtime.ipcOpenMemHandle(layout.handle)
+        except cp.cuda.runtime.CUDARuntimeError as exc:
+            raise ConfigError(
+                f"cannot open the producer's GPU memory (GPU at PCI {layout.gpu}) through CUDA IPC: {exc}. "
+                f"CUDA IPC works only on the same physical GPU, not across MIG instances of it, and only "
+                f"within one pid namespace (checked at attach where the kernel tells); where that cannot "
+                f"be had, serve with --device cpu") from None
 
 
 def _close_ipc(ptr: int, gpu: int) -> None:

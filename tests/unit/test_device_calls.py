@@ -31,9 +31,11 @@ class FakeCuda:
         self.contexts: set[int] = set()   # GPUs this process holds a context on
         self.current: int | None = None   # the current context's GPU; None: no context current
         self.refuse_ipc = refuse_ipc
+        self.opened = 0  # IPC handles opened
         self._next_ptr = 0x1000
         runtime = types.SimpleNamespace(
             CUDARuntimeError=self.CUDARuntimeError, setDevice=self.set_device, getDeviceCount=lambda: 2,
+            getDevice=lambda: self.current or 0,
             malloc=self.malloc, free=self.needs_context, ipcGetMemHandle=lambda ptr: self.needs_context() or b"h" * 64,
             ipcOpenMemHandle=self.open, ipcCloseMemHandle=self.needs_context, memGetInfo=lambda: (self.needs_context(), 8, 16)[1:],
             deviceGetPCIBusId=lambda k: f"0000:0{k}:00.0", deviceGetByPCIBusId=lambda bus: int(bus[6]))
@@ -63,6 +65,7 @@ class FakeCuda:
         self.needs_context()
         if self.refuse_ipc:
             raise self.CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+        self.opened += 1
         return self.malloc(1 << 20)
 
     def stream(self, non_blocking: bool = False):
@@ -194,8 +197,32 @@ def test_an_ipc_open_that_fails_is_one_config_error_naming_mig_and_leaves_nothin
     monkeypatch.setattr(device, "_process_gpu", None)
     ring = device.DeviceRing("mig", slots=1, slot_bytes=512, gpu=0)
     try:
-        with pytest.raises(ConfigError, match="not a MIG instance") as error:
+        with pytest.raises(ConfigError, match="not across MIG instances") as error:
             device.DeviceRingView(ring.layout)
         assert "cudaErrorInvalidDevice" in str(error.value) and "--device cpu" in str(error.value)
     finally:
         ring.close()
+
+
+def test_two_iterators_of_one_process_share_one_opening_of_the_handle(cuda):
+    """CUDA opens an IPC handle once per process (a second open fails): views share the mapping."""
+    ring = device.DeviceRing("two", slots=1, slot_bytes=512, gpu=0)
+    try:
+        first, second = device.DeviceRingView(ring.layout), device.DeviceRingView(ring.layout)
+        assert cuda.opened == 1 and first.span == second.span
+        first.close()
+        assert second.mapped  # the other iterator still maps it
+        second.close()
+        gc.collect()
+        third = device.DeviceRingView(ring.layout)  # all closed: a new opening
+        assert cuda.opened == 2
+        third.close()
+    finally:
+        ring.close()
+
+
+def test_use_gpu_sets_the_device_again_in_a_thread_that_has_another(cuda):
+    device.use_gpu(1)
+    cuda.current = None  # another thread: no current context yet
+    device.use_gpu(1)
+    assert cuda.current == 1 and cuda.contexts == {1}
