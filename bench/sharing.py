@@ -16,6 +16,7 @@ DALI CPU pipeline. A bare ZeroMQ message's latency is printed for scale.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
@@ -31,11 +32,13 @@ HYMENOPTERA = ROOT.parent / "shared" / "data" / "hymenoptera" / "train"
 BATCH = 64
 
 
-def shared_job(name: str, warmup: int, batches: int, step_s: float, q) -> None:
-    """A job on the shared producer; records img/s, sent->tensor latency and next() time per batch."""
+def shared_job(name: str, warmup: int, batches: int, step_s: float, copy: bool, q) -> None:
+    """A job on the shared producer; records img/s, sent->tensor latency and next() time per batch,
+    and where its batches were. ``copy`` is passed explicitly: the iterator's default depends on the
+    ring (own copies on a GPU ring), and this benchmark says which it measures."""
     from dalishare import DaliShareIterator
 
-    with DaliShareIterator(name, batch_size=BATCH, attach_timeout=120) as loader:
+    with DaliShareIterator(name, batch_size=BATCH, attach_timeout=120, copy=copy) as loader:
         done, images, t0, next_ns, it = 0, 0, None, [], iter(loader)
         while done < warmup + batches:
             start = time.perf_counter_ns()
@@ -54,7 +57,7 @@ def shared_job(name: str, warmup: int, batches: int, step_s: float, q) -> None:
                 next_ns.clear()
                 t0 = time.monotonic()
         q.put({"img_s": images / (time.monotonic() - t0), "handoff_ns": list(loader.handoff_ns),
-               "next_ns": next_ns})
+               "next_ns": next_ns, "device": str(batch["images"].device)})
 
 
 def zmq_floor(samples: int = 200) -> list[int]:
@@ -85,7 +88,18 @@ def zmq_floor(samples: int = 200) -> list[int]:
 
 
 def pct(values: list[int], q: float) -> float:
+    """The ``q`` quantile of nanosecond ``values``, in microseconds (NaN for none)."""
+    if not values:
+        return float("nan")
     return sorted(values)[min(len(values) - 1, int(q * len(values)))] / 1e3
+
+
+def latency(values: list[int], what: str = "batches") -> str:
+    """The median and p90 of nanosecond ``values`` as text, "median .. us, p90 .. us (N batches)";
+    says so when there are none (a job on a cache, say, gets no hand-offs)."""
+    if not values:
+        return f"no hand-offs recorded (0 {what})"
+    return f"median {pct(values, 0.5):.1f} us, p90 {pct(values, 0.9):.1f} us ({len(values)} {what})"
 
 
 def read_every_pixel(images: torch.Tensor) -> None:
@@ -103,30 +117,51 @@ def as_torch(batch) -> torch.Tensor:
     return feed_ndarray(batch.data.as_tensor(), out, cuda_stream=torch.cuda.current_stream())
 
 
+def endless_batches(stage, files: list, device: str):
+    """``stage`` over ``files`` in order, epoch after epoch, from one DALI pipeline built once (before
+    the first batch), as a job loading on its own builds its loader once, not per epoch. Each
+    `StageBatch` is valid until the next; each epoch's last batch is smaller."""
+    from dalishare.producer.stage import StageBatch, build_pipeline, read_encoded
+
+    starts = itertools.cycle(range(0, len(files), BATCH))
+
+    def source():
+        start = next(starts)
+        return read_encoded(files[start : start + BATCH])
+
+    pipe = build_pipeline(stage, source, batch_size=BATCH, device=device)
+    while True:
+        (out,) = pipe.run()
+        yield StageBatch.of(out)
+
+
 def own_pipeline_job(data: str, device: str, warmup: int, batches: int, step_s: float, q) -> None:
+    """A job running its own DALI pipeline: built once, before the warm-up batches, so the timed
+    ones measure loading, not building."""
     from dalishare.producer.dataset import scan
-    from dalishare.producer.stage import load_stage, standalone_batches
+    from dalishare.producer.stage import load_stage
 
     ds, stage = scan(data), load_stage(STAGE)
-    done, images, t0 = 0, 0, None
-    while done < warmup + batches:
-        for batch in standalone_batches(stage, ds.files, BATCH, device=device):
-            read_every_pixel(as_torch(batch))
-            time.sleep(step_s)
-            done += 1
-            images += batch.count if t0 is not None else 0  # the last batch of an epoch is smaller
-            if done == warmup:
-                t0 = time.monotonic()
-            if done == warmup + batches:
-                break
+    images, t0 = 0, None
+    for done, batch in enumerate(endless_batches(stage, ds.files, device), start=1):
+        read_every_pixel(as_torch(batch))
+        time.sleep(step_s)
+        images += batch.count if t0 is not None else 0  # the last batch of an epoch is smaller
+        if done == warmup:
+            t0 = time.monotonic()
+        if done == warmup + batches:
+            break
     q.put({"img_s": images / (time.monotonic() - t0), "handoff_ns": []})
 
 
 SERVE_OPTIONS: list[str] = []  # extra `dalishare serve` options from the command line (--slots, --cache)
 
 
-def with_producer(data: str, consumers: int, target, args: tuple, device: str = "cpu") -> list[dict]:
-    options = ("--batch-size", str(BATCH), "--device", device, *SERVE_OPTIONS)
+def with_producer(data: str, consumers: int, target, args: tuple, device: str = "cpu",
+                  options: tuple = ()) -> list[dict]:
+    """``consumers`` jobs ``target(name, *args, queue)`` on a fresh producer serving ``data`` on
+    ``device`` with SERVE_OPTIONS and ``options``; their results."""
+    options = ("--batch-size", str(BATCH), "--device", device, *SERVE_OPTIONS, *options)
     return jobs_on_producer(data, options, target, args, consumers, pipeline=STAGE)
 
 
@@ -155,20 +190,20 @@ def main() -> None:
         SERVE_OPTIONS.extend(["--slots", str(args.slots)])
     SERVE_OPTIONS.extend(["--cache", args.cache])
     floor, dev = zmq_floor(), args.device
-    handoff = with_producer(args.data, 1, shared_job, (warmup, args.batches, 0.0), dev)[0]["handoff_ns"]
-    slow_job = with_producer(args.data, 1, shared_job, (warmup, 15, 0.25), dev)[0]  # slower than the producer
-    lone = with_producer(args.data, 1, shared_job, (warmup, args.batches, step), dev)[0]["img_s"]
-    shared = [r["img_s"] for r in with_producer(args.data, args.jobs, shared_job, (warmup, args.batches, step), dev)]
+    paced = (warmup, args.batches, step, False)  # copy=False: the jobs read views of the ring
+    handoff = with_producer(args.data, 1, shared_job, (warmup, args.batches, 0.0, False), dev)[0]["handoff_ns"]
+    slow_job = with_producer(args.data, 1, shared_job, (warmup, 15, 0.25, False), dev)[0]  # slower than the producer
+    lone = with_producer(args.data, 1, shared_job, paced, dev)[0]["img_s"]
+    shared = [r["img_s"] for r in with_producer(args.data, args.jobs, shared_job, paced, dev)]
     own = [r["img_s"] for r in run_jobs(own_pipeline_job, (args.data, dev, warmup, args.batches, step), args.jobs)]
 
     lines = [
         f"dalishare {dev.upper()} sharing benchmark: {os.cpu_count()} cores, batches of {BATCH}x224x224x3 uint8, "
         f"data {args.data}, emulated step {args.step_ms:.0f} ms, {args.batches} timed batches per job, "
         f"ring slots: {args.slots or 'serve default'}, cache: {args.cache}",
-        f"hand-off, job waiting (announcement sent -> tensor in job): median {pct(handoff, 0.5):.1f} us, "
-        f"p90 {pct(handoff, 0.9):.1f} us ({len(handoff)} batches)",
+        f"hand-off, job waiting (announcement sent -> tensor in job): {latency(handoff)}",
         f"hand-off, batch already announced (job with a 250 ms step; next() -> tensor, release included): "
-        f"median {pct(slow_job['next_ns'], 0.5):.1f} us, p90 {pct(slow_job['next_ns'], 0.9):.1f} us",
+        f"{latency(slow_job['next_ns'])}",
         f"bare ZeroMQ ipc one-way latency on this machine, for scale: median {pct(floor, 0.5):.1f} us, "
         f"p90 {pct(floor, 0.9):.1f} us",
         f"{'setup':<34}{'per-job img/s':>40}{'total img/s':>14}",
