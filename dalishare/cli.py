@@ -80,7 +80,8 @@ def _cache_list(args: argparse.Namespace) -> None:
             print(f"  {path.name}: not a complete cache file (remove it){busy}")
         else:
             size = path.stat().st_blocks * 512
-            print(f"  {path.name}: {valid}/{layout.samples} samples of {layout.sample_shape} {layout.dtype}, "
+            source = f" of {layout.source}" if layout.source else ""
+            print(f"  {path.name}: {valid}/{layout.samples} samples{source}, {layout.sample_shape} {layout.dtype}, "
                   f"{size / 2**30:.2f} GiB on disk, key {layout.key[:12]}{busy}")
 
 
@@ -122,7 +123,9 @@ def _add_serve(sub) -> None:
     """``dalishare serve``: one option per `ServeOptions` field, with its defaults."""
     serve = sub.add_parser("serve", help="run a shared stage and serve its batches")
     serve.add_argument("pipeline", help="stage file, e.g. pipelines/resnet.py")
-    serve.add_argument("--data", required=True, help="folder of class sub-folders holding images")
+    serve.add_argument("--data", required=True, help="a folder of class folders holding images; a file list of "
+                       "'RELATIVE/PATH LABEL' lines; or WebDataset shards: a folder of .tar files or a pattern "
+                       "such as 'DIR/train-{000000..000146}.tar'")
     serve.add_argument("--name", default=DEFAULTS.name, help="name jobs attach to (default: %(default)s)")
     serve.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size, help="producer batch (default: %(default)s)")
     serve.add_argument("--device", default=DEFAULTS.device, help="where the stage runs: cpu, gpu or gpu:K, the K-th visible GPU (default: %(default)s)")

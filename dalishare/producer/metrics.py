@@ -55,7 +55,7 @@ class _ReportCollector:
             return
         name = report.name
         info = InfoMetricFamily("dalishare_producer", "what the producer serves", labels=["name"])
-        info.add_metric([name], {"stage": report.stage, "device": report.device, "output": report.output,
+        info.add_metric([name], {"stage": report.stage, "device": report.device, "output": report.output, "source": report.data,
                                  "phase": report.phase, "sample": report.sample, "pid": str(report.pid)})
         yield info
         for field, (metric, text) in _PRODUCER_GAUGES.items():

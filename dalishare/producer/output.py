@@ -61,7 +61,8 @@ def open_output(ctx: Context, feed: EpochFeed, stage: StageSupervisor, shape: li
     log.info("%r: %s", opts.name, choice.reason)
     if choice.mode is not CacheMode.OFF:
         key = cache_key(ctx.listing, ctx.pipeline_file, shape, dtype.name, dali_version(), decoder(opts))
-        layout = CacheLayout(key, len(ctx.dataset), shape, dtype.name, rows_in_file=choice.mode is not CacheMode.GPU)
+        layout = CacheLayout(key, len(ctx.dataset), shape, dtype.name, rows_in_file=choice.mode is not CacheMode.GPU,
+                             source=ctx.dataset.source)
         try:
             return CacheServing(ctx, choice, layout, excluded=feed.excluded, stage=stage)
         except ConfigError:

@@ -329,7 +329,7 @@ class Producer:
         return StatusReport(
             version=PROTOCOL_VERSION, name=opts.name, pid=os.getpid(), phase=self.phase.value,
             uptime_s=float(now - self._started_at), stage=str(self.pipeline_file), device=str(opts.device),
-            data=str(self.data), samples=len(dataset) if dataset is not None else -1,
+            data=dataset.source if dataset is not None else str(self.data), samples=len(dataset) if dataset is not None else -1,
             classes=len(dataset.classes) if dataset is not None else -1, batch_size=opts.batch_size,
             epochs=opts.epochs or 0, decoded=decoded, decode_per_s=float(self._decoded.per_s(now)),
             worker_restarts=self._supervisor.restarts if self._supervisor else 0,

@@ -99,12 +99,12 @@ class Serving:
 
     def on_lost(self, event: Lost) -> None:
         """The worker went with ``event.tasks``: say which files the probes blamed, and `redo`."""
-        files = self.ctx.dataset.files
+        dataset = self.ctx.dataset
         for index, reason in event.culprits.items():
-            log.warning("excluded %s (sample %d): %s", files[index], index, reason)
+            log.warning("excluded %s (sample %d): %s", dataset.describe(index), index, reason)
         self.redo(event)
         if event.culprits:
-            log.warning("%d of %d files excluded so far because they cannot be decoded", self.excluded(), len(files))
+            log.warning("%d of %d samples excluded so far because they cannot be decoded", self.excluded(), len(dataset))
 
     def redo(self, event: Lost) -> None:
         """Exclude the culprits; make the lost tasks' samples again (carefully if none was blamed)."""

@@ -116,8 +116,11 @@ class StageBatch:
         return np.asarray(data.as_tensor())  # a view of DALI's CPU buffer
 
 
-def read_encoded(paths: Iterable[Path]) -> list[np.ndarray]:
-    return [np.fromfile(p, dtype=np.uint8) for p in paths]
+def read_encoded(locators: Iterable) -> list[np.ndarray]:
+    """The encoded samples at ``locators`` (paths, or tar members: dataset.read_sample)."""
+    from .listing import read_sample
+
+    return [read_sample(str(locator)) for locator in locators]
 
 
 def build_fed_pipeline(stage: Callable, *, batch_size: int, device: str = "cpu", num_threads: int | None = None,

@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 from collections import deque
-from pathlib import Path
 
 import numpy as np
 
@@ -78,7 +77,7 @@ def serve_tasks(link: StageLink, setup: Setup) -> None:
                     return
             elif isinstance(msg, Task):
                 try:
-                    pipe.feed_input("encoded", read_encoded(Path(f) for f in msg.files))
+                    pipe.feed_input("encoded", read_encoded(msg.files))
                     pipe.schedule_run()
                 except Exception as exc:  # a file that cannot be read; DALI is not reused after an error
                     link.send(Failed(msg.seq, one_line(exc)))
@@ -126,7 +125,7 @@ def probe_files(link: StageLink, probe: Probe) -> None:
     for index, path in enumerate(probe.files):
         link.send(Probing(index))
         try:
-            current[:] = read_encoded([Path(path)])
+            current[:] = read_encoded([path])
             if not current[0].size:
                 raise ValueError("empty file")
         except Exception as exc:

@@ -72,6 +72,7 @@ class CacheLayout:
     sample_shape: list
     dtype: str          # numpy dtype name
     rows_in_file: bool = True  # False: the rows are in GPU memory (--cache gpu), the file has marks and labels
+    source: str = ""    # what it caches, for people: "folders DIR", "list FILE", "shards PATTERN" (Dataset.source)
 
     @property
     def sample_bytes(self) -> int:
@@ -99,7 +100,8 @@ class CacheLayout:
     @classmethod
     def from_wire(cls, d: dict) -> "CacheLayout":
         return cls(key=str(d["key"]), samples=int(d["samples"]), sample_shape=[int(x) for x in d["sample_shape"]],
-                   dtype=str(d["dtype"]), rows_in_file=bool(d.get("rows_in_file", True)))
+                   dtype=str(d["dtype"]), rows_in_file=bool(d.get("rows_in_file", True)),
+                   source=str(d.get("source", "")))
 
 
 def listing_digest(root: Path, files: list[Path]) -> bytes:
@@ -111,13 +113,33 @@ def listing_digest(root: Path, files: list[Path]) -> bytes:
 def listing_digests(root: Path, files: list[Path]) -> tuple[bytes, bytes]:
     """`listing_digest`, and the same without modification times (what nodes holding their own
     copies of a dataset compare: a copy has other times), in one pass over the files."""
-    with_times, without = hashlib.sha256(), hashlib.sha256()
+    digest = ListingDigest()
     for path in files:
         st = os.stat(path)
-        entry = f"{Path(path).relative_to(root)}\0{st.st_size}"
-        with_times.update(f"{entry}\0{st.st_mtime_ns}\n".encode())
-        without.update(f"{entry}\n".encode())
-    return with_times.digest(), without.digest()
+        digest.add(str(Path(path).relative_to(root)), st.st_size, st.st_mtime_ns)
+    return digest.digests()
+
+
+class ListingDigest:
+    """The two listing digests, fed one entry at a time (a dataset's scan feeds it as it stats, so
+    the key of a 1.28 M-file dataset costs nothing beyond the scan)."""
+
+    def __init__(self, kind: str = ""):
+        """``kind``: the layout (a file list's, shards'), so two layouts of the same files key apart;
+        class folders add none, so their keys stay what they were."""
+        self._with_times, self._without = hashlib.sha256(), hashlib.sha256()
+        if kind:
+            self._with_times.update(f"{kind}\n".encode())
+            self._without.update(f"{kind}\n".encode())
+
+    def add(self, name: str, size: int, mtime_ns: int) -> None:
+        entry = f"{name}\0{size}"
+        self._with_times.update(f"{entry}\0{mtime_ns}\n".encode())
+        self._without.update(f"{entry}\n".encode())
+
+    def digests(self) -> tuple[bytes, bytes]:
+        """(with modification times, without)."""
+        return self._with_times.digest(), self._without.digest()
 
 
 def cache_key(listing: bytes, stage_file: Path, sample_shape: list, dtype: str, dali_version: str,

@@ -28,11 +28,11 @@ def test_scan_gives_sorted_classes_stable_indices_and_warns_once_about_non_image
     with caplog.at_level(logging.WARNING):
         ds = scan(tmp_path)
     assert ds.classes == ["a", "b"]
-    assert [p.name for p in ds.files] == ["a_0000.jpg", "a_0001.jpg", "a_0002.jpg", "b_0000.jpg", "b_0001.jpg"]
+    assert [Path(p).name for p in ds.files] == ["a_0000.jpg", "a_0001.jpg", "a_0002.jpg", "b_0000.jpg", "b_0001.jpg"]
     assert ds.labels.tolist() == [0, 0, 0, 1, 1]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "a/notes.txt" in warnings[0] and "b/labels.csv" in warnings[0]
-    assert scan(tmp_path).files == ds.files
+    assert list(scan(tmp_path).files) == list(ds.files) and scan(tmp_path).digests == ds.digests
 
 
 def test_scan_rejects_missing_and_empty_folders(tmp_path):

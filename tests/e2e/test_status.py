@@ -106,6 +106,7 @@ def test_metrics_are_scraped_over_http_on_localhost_with_the_status_figures(data
         assert re.search(rf'^dalishare_dataset_samples\{{name="t"\}} {N}\.0$', text, re.M), text
         assert re.search(rf'^dalishare_cache_samples\{{name="t"\}} {N}\.0$', text, re.M)
         assert re.search(r'^dalishare_decoded_samples_total\{name="t"\} [1-9]', text, re.M)
+        assert re.search(rf'^dalishare_producer_info\{{.*source="folders {re.escape(str(dataset))}".*\}} 1\.0$', text, re.M), text
         assert f"Prometheus at http://127.0.0.1:{port}/metrics" in server.log()
         listening = {line.split()[1] for line in open("/proc/net/tcp").read().splitlines()[1:]
                      if line.split()[3] == "0A"}  # state LISTEN: local address:port in hex
