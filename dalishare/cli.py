@@ -80,8 +80,8 @@ def _cache_list(args: argparse.Namespace) -> None:
             print(f"  {path.name}: not a complete cache file (remove it){busy}")
         else:
             size = path.stat().st_blocks * 512
-            source = f" of {layout.source}" if layout.source else ""
-            print(f"  {path.name}: {valid}/{layout.samples} samples{source}, {layout.sample_shape} {layout.dtype}, "
+            source = f" from {layout.source}" if layout.source else ""
+            print(f"  {path.name}: {valid}/{layout.samples} samples of {layout.sample_shape} {layout.dtype}{source}, "
                   f"{size / 2**30:.2f} GiB on disk, key {layout.key[:12]}{busy}")
 
 

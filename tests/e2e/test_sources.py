@@ -160,4 +160,4 @@ def test_status_and_the_cache_name_the_source(shards, tmp_path):
     assert entry["report"]["data"] == f"shards {data}" and entry["report"]["samples"] == 25
     listing = subprocess.run([sys.executable, "-m", "dalishare", "cache", "list", str(caches)], capture_output=True,
                              text=True, timeout=60).stdout
-    assert f"24/25 samples of shards {data}" in listing, listing
+    assert f"24/25 samples of [224, 224, 3] uint8 from shards {data}," in listing, listing
