@@ -100,7 +100,7 @@ def alone_job(spec: JobSpec, data: str, epochs: int, num_classes: int, q) -> Non
         for start, batch in zip(range(0, len(files), spec.batch_size),
                                  standalone_batches(stage, files, spec.batch_size)):
             images = batch.numpy()
-            labels = torch.from_numpy(ds.labels[order[start : start + len(images)]])
+            labels = torch.from_numpy(ds.labels[order[start : start + len(images)]]).long()  # int32 in the listing
             yield augment({"images": torch.from_numpy(images), "labels": labels})
 
     _train(spec, batches, epochs, num_classes, lambda n, loss: q.put((spec.label, n, loss)))

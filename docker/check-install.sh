@@ -6,12 +6,13 @@
 #
 #   bash docker/check-install.sh            # prints each step with its duration; exit 0 = all passed
 #
-# Differences from the image, on purpose:
-#   - python3 is this machine's (Debian 12: 3.11), not Ubuntu 24.04's 3.12;
+# Differences from the image built with the Dockerfile's default build arguments, on purpose:
+#   - python3 is this machine's (Debian 12: 3.11), as in the default BASE (debian:bookworm-slim);
 #   - torch and torchvision come from the ordinary package index, pinned to torch==2.14.1 and
-#     torchvision==0.29.1 (the README's pair; a CUDA 13 build), because the image's CUDA 12.6 index
+#     torchvision==0.29.1 (the README's pair; a CUDA 13 build), because the default TORCH_INDEX
 #     (download.pytorch.org/whl/cu126) cannot be reached here;
 #   - no apt-get step (the base image's python3 and python3-venv are this machine's).
+# docker/check-image.sh builds the image itself (buildah, a CPU torch) and runs the demo and tests in it.
 # Everything goes into a temporary folder, removed at the end (KEEP=1 keeps it).
 set -euo pipefail
 
@@ -43,7 +44,7 @@ echo "install check of docker/Dockerfile in $work ($(python3 --version), $(uname
 step "RUN python3 -m venv /opt/venv" python3 -m venv "$work/venv"
 export PATH=$work/venv/bin:$PATH VIRTUAL_ENV=$work/venv
 step "RUN pip install --upgrade pip" pip install --upgrade pip
-step "RUN pip install torch torchvision (here: ==2.14.1, ==0.29.1)" \
+step "RUN pip install \$TORCH_SPEC (here: torch==2.14.1 torchvision==0.29.1)" \
     pip install torch==2.14.1 torchvision==0.29.1
 
 # WORKDIR /opt/dalishare, then every COPY line, as Docker does it: a folder's contents go into the

@@ -55,6 +55,7 @@ from .dataset import Dataset, ScanThread
 from .filling import fingerprint
 from .jobs import Job, JobRegistry
 from .lobby import Lobby
+from .cache_policy import parse_cache
 from .options import ServeOptions
 from .output import open_output, reopen_disk_cache
 from .rates import Rate
@@ -134,7 +135,7 @@ class Producer:
                 self._lobby = Lobby(self._channel, opts.name, self._starting_reason)
                 resources.callback(names.socket_path(opts.name).unlink, missing_ok=True)
                 resources.callback(self._close_channel)
-                self._scan = ScanThread(self.data)
+                self._scan = ScanThread(self.data, parse_cache(opts.cache)[1])  # a DIR cache keeps a shard index
                 log.info("%r: scanning %s; jobs may attach at %s", opts.name, self.data, names.endpoint(opts.name))
                 self._loop()
             except BaseException as exc:

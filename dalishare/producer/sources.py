@@ -28,10 +28,11 @@ SHARD_LABEL_EXTENSION = "cls"  # its label: an integer as text
 SHOWN = 20  # names a warning lists before "and N more"
 
 
-def scan(data: str) -> Dataset:
+def scan(data: str, index_dir: Path | None = None) -> Dataset:
+    """``index_dir``: where shards' member index is kept between runs (a DIR cache's folder)."""
     if "{" in data:  # WebDataset's shard pattern: DIR/train-{000000..000146}.tar
         shards = [Path(p) for p in braceexpand(data)]
-        return scan_shards(data, shards[0].parent, shards)
+        return scan_shards(data, shards[0].parent, shards, index_dir)
     path = Path(data)
     if path.is_file():
         return scan_list(path)
@@ -43,7 +44,7 @@ def scan(data: str) -> Dataset:
     classes = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
     tars = sorted(Path(e.path) for e in entries if e.name.endswith(".tar") and e.is_file())
     if tars and not classes:
-        return scan_shards(data, path, tars)
+        return scan_shards(data, path, tars, index_dir)
     return scan_folders(path)
 
 
@@ -127,23 +128,40 @@ def _list_line(path: Path, number: int, text: str) -> tuple[str, int]:
     return parts[0], int(label)
 
 
-def scan_shards(data: str, root: Path, shards: list[Path]) -> Dataset:
+def scan_shards(data: str, root: Path, shards: list[Path], index_dir: Path | None = None) -> Dataset:
     """WebDataset shards: a sample is the members of one shard sharing a key (the member's name up
     to its first dot); its image the ``jpg``/``jpeg``/``png``/``webp`` member, its label the ``cls``
     member. Members are indexed by offset (nothing is unpacked); samples without an image or a label
-    are named in one warning, as are shards without samples."""
+    are named in one warning, as are shards without samples. With ``index_dir``, the index is kept
+    there, keyed by the shards' listing digest, and read back instead of the tars next time."""
     missing = [str(p) for p in shards if not p.is_file()]
     if missing:
         raise DatasetError(f"{len(missing)} of the {len(shards)} shards {data} names do not exist: "
                            f"{', '.join(missing[:SHOWN])}")
-    names, key_names, digest = Names.build(), Names.build(), ListingDigest(SourceKind.SHARDS.value)
-    shard_of, offsets, sizes, labels = array("i"), array("q"), array("q"), array("i")
-    incomplete, empty = [], []
-    for number, shard in enumerate(shards):
-        rel = os.path.relpath(shard, root)
-        st = shard.stat()
+    names, digest = Names.build(), ListingDigest(SourceKind.SHARDS.value)
+    for shard in shards:  # the shards' names, sizes and times: the key of their index (and of a cache)
+        rel, st = os.path.relpath(shard, root), shard.stat()
         names.add(rel)
         digest.add(rel, st.st_size, st.st_mtime_ns)
+    names, digests = names.done(), digest.digests()
+    saved = index_dir / f"shards-{digests[0].hex()[:32]}.npz" if index_dir is not None else None
+    if saved is not None and saved.is_file():
+        members, labels = _load_index(saved)
+        log.info("read the index of %d samples in %d shards from %s", len(labels), len(shards), saved)
+    else:
+        members, labels = _index_members(data, shards, names)
+        if saved is not None:
+            _save_index(saved, members, labels)
+    classes = [str(k) for k in range(int(labels.max()) + 1)]
+    return Dataset(root, classes, Locators(root, names, members), labels, SourceKind.SHARDS, data, digests)
+
+
+def _index_members(data: str, shards: list[Path], names: Names) -> tuple[Members, np.ndarray]:
+    """Every complete sample's image member (shard, offset, size, name) and label, from the tars."""
+    key_names, shard_of, offsets, sizes, labels = Names.build(), array("i"), array("q"), array("q"), array("i")
+    incomplete, empty = [], []
+    for number, shard in enumerate(shards):
+        rel = names[number]
         found = 0
         for key, image, label in _samples(shard, incomplete):
             shard_of.append(number)
@@ -163,9 +181,21 @@ def scan_shards(data: str, root: Path, shards: list[Path]) -> Dataset:
         raise DatasetError(f"the shards {data} hold no samples with an image and a label")
     members = Members(np.frombuffer(shard_of, np.int32), np.frombuffer(offsets, np.int64),
                       np.frombuffer(sizes, np.int64), key_names.done())
-    classes = [str(k) for k in range(max(labels) + 1)]
-    return Dataset(root, classes, Locators(root, names.done(), members), _small(labels), SourceKind.SHARDS, data,
-                   digest.digests())
+    return members, _small(labels)
+
+
+def _save_index(path: Path, members: Members, labels: np.ndarray) -> None:
+    """Written whole under another name, then renamed: a reader never sees half an index."""
+    partial = path.with_suffix(f".{os.getpid()}.partial.npz")
+    np.savez(partial, shard=members.shard, offset=members.offset, size=members.size, labels=labels,
+             names=np.frombuffer(members.key_names.blob, np.uint8), name_offsets=members.key_names.offsets)
+    os.replace(partial, path)
+
+
+def _load_index(path: Path) -> tuple[Members, np.ndarray]:
+    with np.load(path) as saved:
+        names = Names(saved["names"].tobytes(), saved["name_offsets"])
+        return Members(saved["shard"], saved["offset"], saved["size"], names), saved["labels"]
 
 
 def _samples(shard: Path, incomplete: list[str]):

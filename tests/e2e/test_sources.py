@@ -161,3 +161,8 @@ def test_status_and_the_cache_name_the_source(shards, tmp_path):
     listing = subprocess.run([sys.executable, "-m", "dalishare", "cache", "list", str(caches)], capture_output=True,
                              text=True, timeout=60).stdout
     assert f"24/25 samples of [224, 224, 3] uint8 from shards {data}," in listing, listing
+    assert "read the index" not in server.log() and len(list(caches.glob("shards-*.npz"))) == 1
+    with Server(data, "--batch-size", "8", "--cache", str(caches), "--epochs", "1") as again:  # the index is kept
+        Job(tmp_path / "again.json").result()
+        assert again.wait() == 0, again.log()
+    assert "read the index of 25 samples in 3 shards" in again.log()
