@@ -48,11 +48,19 @@ class Names(Sequence[str]):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        i = _index(i, len(self))
         return self.blob[self.offsets[i]:self.offsets[i + 1]].decode()
 
     @property
     def nbytes(self) -> int:
         return len(self.blob) + self.offsets.nbytes
+
+
+def _index(i, n: int) -> int:
+    i = int(i)
+    if not -n <= i < n:
+        raise IndexError(f"index {i} of {n}")
+    return i + n if i < 0 else i
 
 
 @dataclass
@@ -80,6 +88,7 @@ class Locators(Sequence[str]):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        i = _index(i, len(self))
         if self.members is None:
             return f"{self._root}/{self.names[i]}"
         m = self.members
