@@ -1,5 +1,9 @@
 """dalishare: one DALI pipeline decodes a dataset once; many training jobs on the machine share its batches.
 
+The public names: `DaliShareIterator` (a training job's side) and the errors, all subclasses of
+`DalishareError`; the jobs' augmentations are in `dalishare.augment`, the producer is the
+``dalishare serve`` command.
+
 Rooms, by process role (imports flow one way): `errors`; `shm` (slot memory, names and places);
 `wire` (control messages); `producer` (the serve side, never torch); `job` (`DaliShareIterator`,
 never DALI); `augment` (the jobs' augmentations). `DaliShareIterator` is loaded on first use, so

@@ -1,4 +1,8 @@
-"""The ``dalishare`` command: serve, cleanup, demo."""
+"""The ``dalishare`` command: serve, status, cleanup, cache, demo.
+
+Each command's options, with their help texts, are what ``dalishare COMMAND --help`` prints; the
+manual's command-line reference (docs/reference/cli.md) is built from those texts.
+"""
 
 from __future__ import annotations
 
@@ -111,6 +115,12 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dalishare`` argument parser, one sub-command per task.
+
+    Returns:
+        argparse.ArgumentParser: ``serve``, ``status``, ``cleanup``, ``cache list/remove`` and
+            ``demo``, each with its options; the parsed namespace's ``func`` runs the command.
+    """
     parser = argparse.ArgumentParser(prog="dalishare", description="Shared DALI data loading for many training jobs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,7 +161,7 @@ def _add_serve(sub) -> None:
                        help="largest memory or GPU cache, e.g. 64G (default: half the memory available, or "
                             "of the GPU's free memory for --cache gpu)")
     serve.add_argument("--shard", default=DEFAULTS.shard, metavar="I/N|auto",
-                       help="serve node I's share of each epoch, of N nodes (one producer per node; needs a cache); "
+                       help="serve node I's share of each epoch, of N nodes (one producer per node); "
                             "auto: from SLURM_NODEID/SLURM_NNODES, NODE_RANK/NNODES or GROUP_RANK/GROUP_WORLD_SIZE "
                             "(default: %(default)s, everything)")
     serve.add_argument("--metrics-port", type=int, default=None, metavar="P",
@@ -192,14 +202,17 @@ def _add_tools(sub) -> None:
     remove.set_defaults(func=_cache_remove)
 
     demo = sub.add_parser("demo", help="one producer, three training jobs, and the same jobs loading alone")
-    demo.add_argument("--images-per-class", type=int, default=96)
-    demo.add_argument("--epochs", type=int, default=3)
+    demo.add_argument("--images-per-class", type=int, default=96,
+                      help="synthetic images in each of the three classes (default: %(default)s)")
+    demo.add_argument("--epochs", type=int, default=3, help="epochs each job reads (default: %(default)s)")
     demo.set_defaults(func=_demo)
 
 
 def _set_up_logging(args: argparse.Namespace) -> None:
-    """Plain lines; JSON lines with ``serve --log-format json``; for ``serve`` on a terminal, through a
-    rich console, under which its live status line stays (`args.console`, else None)."""
+    """Plain lines; JSON lines with ``serve --log-format json``; for ``serve`` on a terminal, a rich console.
+
+    Serve's live status line stays under the rich console's log (`args.console`, else None).
+    """
     level = logging.DEBUG if args.verbose else logging.INFO
     args.console = None
     if getattr(args, "log_format", "text") == "json":
@@ -220,6 +233,15 @@ def _set_up_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``dalishare`` command line (the ``dalishare`` script and ``python -m dalishare``).
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        int: the exit code: 0, or 2 after an error dalishare names (one line on stderr, or one JSON
+            log record with ``serve --log-format json``).
+    """
     args = build_parser().parse_args(argv)
     _set_up_logging(args)
     try:

@@ -54,7 +54,7 @@ def main() -> None:
         for epoch in range(args.epochs):
             for batch in loader:
                 weight = (~batch["padded"]).float().to(device)  # repeats that even out the tail: no weight
-                images = batch["images"].permute(0, 3, 1, 2)  # NHWC -> NCHW
+                images = batch["images"]  # float NCHW: the augmentation turns the ring's NHWC uint8 into it
                 loss = torch.nn.functional.cross_entropy(model(images), batch["labels"], reduction="none")
                 loss = (loss * weight).sum() / weight.sum().clamp(min=1)
                 optimizer.zero_grad()

@@ -1,6 +1,9 @@
-"""Colour adjustments and dtype conversion for `dalishare.augment`: torchvision.transforms.v2.functional's
-formulas, on whole batches, in place on float images whose values run up to ``bound`` (255 for uint8
-input, 1 for float), with one float factor or one factor per sample (shape (n, 1, 1, 1))."""
+"""Colour adjustments and dtype conversion for `dalishare.augment`.
+
+torchvision.transforms.v2.functional's formulas, on whole batches, in place on float images whose
+values run up to ``bound`` (255 for uint8 input, 1 for float), with one float factor or one factor
+per sample (shape (n, 1, 1, 1)).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import torch
 
 
 def max_value(dtype: torch.dtype) -> float:
+    """The largest value of an image of ``dtype``: 1 for floating point, else the integer maximum."""
     return 1.0 if dtype.is_floating_point else float(torch.iinfo(dtype).max)
 
 
@@ -82,8 +86,10 @@ _SELECT: dict = {}
 
 
 def _hsv_select(device: torch.device) -> torch.Tensor:
-    """Which of (v, p, q, t) each of r, g, b is, by hue sector; made once per device (a copy to a
-    GPU would sync it)."""
+    """Which of (v, p, q, t) each of r, g, b is, by hue sector.
+
+    Made once per device (a copy to a GPU would sync it).
+    """
     if device not in _SELECT:
         table = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], dtype=torch.long)
         _SELECT[device] = table.to(device)
@@ -91,7 +97,19 @@ def _hsv_select(device: torch.device) -> torch.Tensor:
 
 
 def to_dtype(images: torch.Tensor, dtype: torch.dtype, scale: bool) -> torch.Tensor:
-    """torchvision's to_dtype for images."""
+    """Convert ``images`` to ``dtype`` as torchvision's ``to_dtype`` for images does.
+
+    Args:
+        images: any batch.
+        dtype: the new dtype.
+        scale: rescale between integer and floating-point value ranges.
+
+    Returns:
+        torch.Tensor: the converted images (``images`` itself when it already has ``dtype``).
+
+    Raises:
+        TypeError: scaling from one integer dtype to another.
+    """
     if images.dtype == dtype:
         return images
     if not scale:

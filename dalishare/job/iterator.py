@@ -63,10 +63,30 @@ class DaliShareIterator:
     batch on the current stream (or make it wait for yours). ``augment`` is any callable applied to
     each batch dict (a `dalishare.augment.Compose`, say); its result is yielded.
 
+    `state_dict` and `load_state_dict` (torchdata's Stateful convention, as its
+    ``StatefulDataLoader``; Lightning saves them in its checkpoints) resume a restarted job.
+    `state_dict` is where the job's last pass is, at the batch it last handed out, whether that
+    pass is still running or was left by ``break``: a job that breaks, saves and dies, and the job
+    that loads the state, together read the epoch once. From a cache the resumed job reads on at
+    exactly the next sample it had not been given; on the ring, in the same producer epoch, without
+    any sample it had already been given (those served while it was away are missed for that epoch),
+    except a group's ranks, which start together at an epoch's start as always. Without
+    `load_state_dict`, a new pass (``iter()`` again) starts the next epoch, as it always has. See
+    job/resume.py.
+
+    Example:
+        ```python
+        with DaliShareIterator("imnet", batch_size=64) as loader:
+            for epoch in range(10):
+                for batch in loader:  # one pass = one epoch
+                    x, y = batch["images"], batch["labels"]  # (64, 224, 224, 3) uint8 NHWC, int64
+        ```
+
     Args:
         name: the producer's ``--name``.
         batch_size: this job's batch size (default: the producer's).
-        device: where batches go (default: where the ring is). Another GPU or the CPU costs one copy.
+        device (torch.device | str | None): where batches go (default: where the ring is). Another
+            GPU or the CPU costs one copy.
         augment: callable applied to each batch dict on this job's side.
         copy: True: tensors the job owns, never views of the ring; False: views wherever a batch lies
             in one producer batch, also of a GPU ring (zero copy; the hazard above); None (default):
@@ -75,9 +95,11 @@ class DaliShareIterator:
             unchecked, a view is given back at the next step whatever refers to it).
         attach_timeout: seconds to wait for the producer to answer, then `ProducerNotFound`.
         batch_timeout: seconds to wait for the next batch from a live producer, then `ProducerLost`.
+        heartbeat_interval: seconds between the heartbeats this job's background thread sends.
         reconnect: when the producer dies, fails or is stopped by a signal, wait up to
             ``reconnect_timeout`` seconds for a new producer of the same name and go on with it
             (the pass in progress ends there); without it, that is `ProducerLost` or the end.
+        reconnect_timeout: with ``reconnect``, seconds to wait for the new producer.
         seed: read in an order of this job's own (a new permutation of the samples each epoch),
             not the producer's; needs a producer that serves a cache (`ConfigError` otherwise).
         group: make this process one rank of a consumer group (one DDP job) of that name: together
@@ -87,22 +109,20 @@ class DaliShareIterator:
             WORLD_SIZE. Batches then carry ``padded`` (bool per sample): True for the repeats that
             even out the tail. Every rank must create its iterator (at attach they compare their
             producers through torch.distributed); not with ``reconnect``.
+        rank: this process's rank in its group (with ``group``; pass ``world_size`` too).
+        world_size: the group's number of ranks (with ``group`` and ``rank``).
         drop_last: with ``group`` (or a sharded producer), drop the tail that does not divide evenly
             instead of padding it with repeats.
         taken_ahead: batches the training loop takes ahead of the step it runs (Lightning behind a
             wrapper without ``len()``: 1):
             ``state_dict()`` leaves them unread, so a resumed job reads them again instead of losing them.
 
-    ``state_dict()`` and ``load_state_dict(state)`` (torchdata's Stateful convention, as its
-    ``StatefulDataLoader``; Lightning saves them in its checkpoints) resume a restarted job.
-    ``state_dict()`` is where the job's last pass is, at the batch it last handed out, whether that
-    pass is still running or was left by ``break``: a job that breaks, saves and dies, and the job
-    that loads the state, together read the epoch once. From a cache the resumed job reads on at
-    exactly the next sample it had not been given; on the ring, in the same producer epoch, without
-    any sample it had already been given (those served while it was away are missed for that epoch),
-    except a group's ranks, which start together at an epoch's start as always. Without
-    ``load_state_dict``, a new pass (``iter()`` again) starts the next epoch, as it always has. See
-    job/resume.py.
+    Attributes:
+        name: the producer's name this job attached to.
+        augment: the callable applied to each batch, or None.
+        keep: how many further batches a view may stay in use (see ``keep`` above).
+        reconnect_timeout: with ``reconnect``, seconds to wait for a new producer.
+        epoch: the epoch of the pass in progress, or of the last one (None before the first).
     """
 
     def __init__(self, name: str = "default", batch_size: int | None = None, device=None,
@@ -111,6 +131,17 @@ class DaliShareIterator:
                  reconnect_timeout: float = 600.0, seed: int | None = None, group: str | None = None,
                  rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                  taken_ahead: int = 0):
+        """Attach to the producer ``name``, waiting up to ``attach_timeout`` seconds for it.
+
+        Raises:
+            ProducerNotFound: no producer of that name answered in time.
+            ProducerLost: the producer stopped or died while it was starting.
+            ProtocolError: the producer refused this job (another protocol version; a rank attached
+                twice or a world size that differs from its group's).
+            ConfigError: options that do not go together (``group`` with ``reconnect``, ``seed``
+                on a producer without a cache, ...), or ranks of one DDP job that disagree.
+            ValueError: a ``batch_size`` or ``keep`` out of range.
+        """
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         KeepWindow(keep)  # checks keep before anything is opened
@@ -151,10 +182,12 @@ class DaliShareIterator:
                        heartbeat_interval=self._heartbeat_interval, counters=self._counters)
 
     def _reconnect(self) -> None:
-        """``reconnect=True``: forget the lost producer (its batches, views and slots) and attach to
-        its successor in a new session. The pass in progress ends here; from a cache of the same data,
-        the next one goes on where it was in its epoch (as after `load_state_dict`), or with the next
-        epoch if the job had left that pass by a break."""
+        """``reconnect=True``: forget the lost producer and attach to its successor.
+
+        Its batches, views and slots are dropped and a new session opens. The pass in progress ends
+        here; from a cache of the same data, the next one goes on where it was in its epoch (as after
+        `load_state_dict`), or with the next epoch if the job had left that pass by a break.
+        """
         old = self._session
         log.warning("producer %r (pid %d) %s; waiting up to %.0f s for a new one", self.name,
                     old.producer_pid, old.lost, self.reconnect_timeout)
@@ -175,42 +208,66 @@ class DaliShareIterator:
 
     # -- public API -----------------------------------------------------------------------------
 
-    device = property(lambda self: self._options.device)
-    copy = property(lambda self: self._options.copy)
-    seed = property(lambda self: self._options.seed)
-    member = property(lambda self: self._options.member)
-    drop_last = property(lambda self: self._options.drop_last)
-    batch_timeout = property(lambda self: self._options.batch_timeout)
-    reconnect = property(lambda self: self._options.reconnect)
+    device = property(lambda self: self._options.device,
+                      doc="Where batches go (a torch.device), or None: where the ring is.")
+    copy = property(lambda self: self._options.copy,
+                    doc="True: copies the job owns; False: views; None: views of a host ring, copies of a GPU one.")
+    seed = property(lambda self: self._options.seed,
+                    doc="The seed of this job's own order (from a cache), or None: the producer's order.")
+    member = property(lambda self: self._options.member,
+                      doc="This rank's place in its consumer group (name, rank, world), or None: an independent job.")
+    drop_last = property(lambda self: self._options.drop_last,
+                         doc="Whether a group's uneven tail is dropped instead of padded with repeats.")
+    batch_timeout = property(lambda self: self._options.batch_timeout,
+                             doc="Seconds to wait for the next batch from a live producer, then ProducerLost.")
+    reconnect = property(lambda self: self._options.reconnect,
+                         doc="Whether the job waits for a new producer of its name when its producer is gone.")
 
     # from the current session, or the last one once closed (job_id is None then)
-    job_id = property(lambda self: self._session.job_id if self._session.channel is not None else None)
-    producer_pid = property(lambda self: self._session.producer_pid)
-    classes = property(lambda self: self._session.classes)
+    job_id = property(lambda self: self._session.job_id if self._session.channel is not None else None,
+                      doc="The id the producer gave this job (None once closed).")
+    producer_pid = property(lambda self: self._session.producer_pid,
+                            doc="The producer's pid, as it sees itself (in its own pid namespace).")
+    classes = property(lambda self: self._session.classes, doc="The number of classes in the dataset.")
     samples_per_epoch = property(lambda self: self._session.reader.samples_per_epoch,
                                  doc="Samples this job reads per epoch (a group rank: its share).")
-    producer_batch_size = property(lambda self: self._session.producer_batch_size)
-    batch_size = property(lambda self: self._session.reader.batch_size)
+    producer_batch_size = property(lambda self: self._session.producer_batch_size,
+                                   doc="The producer's ``--batch-size``.")
+    batch_size = property(lambda self: self._session.reader.batch_size,
+                          doc="This job's batch size (the producer's unless the job chose one).")
     ring_device = property(lambda self: self._session.data_device,
-                           doc="where the producer's data is: its ring's device, or its cache's")
+                           doc="Where the producer's data is: its ring's device, or its cache's.")
     stop_reason = property(lambda self: self._session.stop_reason,
-                           doc="why the producer stopped, once it has")
+                           doc="Why the producer stopped, once it has (None before).")
     excluded_samples = property(lambda self: self._counters.excluded,
-                                doc="files the producer excluded because DALI cannot decode them")
+                                doc="Files the producer excluded because DALI cannot decode them.")
     missed_samples = property(lambda self: self._counters.missed,
-                              doc="samples skipped while this job was suspended for stalling")
+                              doc="Samples skipped while this job was suspended for stalling.")
     suspensions = property(lambda self: self._session.suspensions,
-                           doc="times the producer suspended this job for stalling (this attachment)")
-    handoff_ns = property(lambda self: self._counters.handoff_ns, doc="announcement sent -> view ready, per batch")
+                           doc="Times the producer suspended this job for stalling (this attachment).")
+    handoff_ns = property(lambda self: self._counters.handoff_ns,
+                          doc="Nanoseconds from announcement sent to view ready, per batch (for benchmarks).")
     # for tests: the ring mapped (or a GPU cache's rows) and a tensor over each slot (a cache has none)
     _ring = property(lambda self: getattr(self._session.reader, "ring", None)
                      or getattr(getattr(self._session.reader, "cache", None), "_ring", None))
     _slot_tensors = property(lambda self: getattr(self._session.reader, "slot_tensors", []))
 
     def __len__(self) -> int:
+        """This job's batches per full epoch (a group rank: of its share)."""
         return math.ceil(self.samples_per_epoch / self.batch_size)
 
     def __iter__(self):
+        """One pass: the batches of one epoch, as dicts of tensors (see the class docstring).
+
+        Yields:
+            dict: ``images``, ``labels``, ``indices`` (and ``padded`` for a group's rank), after
+                ``augment`` if there is one.
+
+        Raises:
+            ProducerLost: the producer died, failed or went silent (without ``reconnect``).
+            GroupBroken: another rank of this job's group is gone.
+            BatchHeldTooLong: a view is still in use after ``keep`` further batches.
+        """
         if not self._session.reader.leave_last_pass(self._resume_at):  # the producer was lost while that was given back
             self._reconnect()
         session, reader = self._session, self._session.reader
@@ -241,15 +298,28 @@ class DaliShareIterator:
             self._reconnect()
 
     def state_dict(self) -> dict:
-        """Where this job is: the epoch of its last pass and the samples of it behind the job (minus
-        ``taken_ahead`` batches), also after a ``break``. A plain dict for ``torch.save`` or a checkpoint."""
+        """Where this job is, to resume from after a restart.
+
+        Returns:
+            dict: the epoch of the job's last pass and the samples of it behind the job (minus
+                ``taken_ahead`` batches), also after a ``break``: a plain dict for ``torch.save``
+                or a checkpoint.
+        """
         reader = self._session.reader
         return make_state(self._progress, reader.source, self._session.fingerprint, self._job_order, reader.passes)
 
     def load_state_dict(self, state: dict) -> None:
-        """Go on from ``state`` (from `state_dict`, in an earlier run of this job): call it before
-        iterating. `ConfigError` if it was saved from another dataset, stage, --seed or shard count, or by
-        a job with another seed=, group size or drop_last=."""
+        """Go on from ``state`` (from `state_dict`, in an earlier run of this job).
+
+        Call it before iterating: the next pass starts where the state says.
+
+        Args:
+            state: what `state_dict` returned.
+
+        Raises:
+            ConfigError: the state was saved from another dataset, stage, ``--seed`` or shard count,
+                or by a job with another ``seed=``, group size or ``drop_last=``.
+        """
         reader = self._session.reader
         epoch, position = check_state(state, reader.source, self._session.fingerprint, self._job_order)
         self._resume_at = reader.resume_point(epoch, position)
@@ -263,12 +333,17 @@ class DaliShareIterator:
 
     def close(self, failure: str = "") -> None:
         """Detach from the producer, stop the heartbeat, unmap the ring. Safe to call twice.
-        ``failure``: the job leaves because of this error (the other ranks of its group are told)."""
+
+        Args:
+            failure: the job leaves because of this error (the other ranks of its group are told).
+        """
         if self._session is not None:  # kept: its figures (batch_size, len(), ...) stay readable
             self._session.close(timeout=self.batch_timeout, failure=failure)
 
     def __enter__(self) -> "DaliShareIterator":
+        """Return the iterator itself; leaving the block closes it."""
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
+        """Close; leaving because of an exception tells the other ranks of this job's group."""
         self.close(failure=f"{kind.__name__}: {error}" if kind is not None and not issubclass(kind, GroupBroken) else "")

@@ -1,6 +1,6 @@
 """docker/compose.yaml (issue: a producer and two training jobs in containers) is well-formed: the
 producer and both trainers share the IPC namespace (/dev/shm), the pid namespace (CUDA IPC and the
-liveness checks) and the runtime dir, reserve the same GPU, run the README's commands from the image
+liveness checks) and the runtime dir, reserve the same GPU, run the manual's commands (docs/containers.md) from the image
 that docker/Dockerfile builds, and the trainers wait for the producer's socket."""
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def test_every_container_reserves_the_gpu_of_the_producers_ring():
 
 
 def test_the_commands_are_the_readmes_and_the_trainers_attach_to_the_producers_name():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "containers.md").read_text()  # the manual's page on containers
     assert "docker compose -f docker/compose.yaml up" in readme
     all_ = services()
     producer_args = argv(all_["producer"])
