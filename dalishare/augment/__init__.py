@@ -44,6 +44,8 @@ import torch.nn.functional as F
 
 from .colour import ADJUSTMENTS, max_value, to_dtype
 
+__all__ = ["Compose", "RandomResizedCrop", "RandomHorizontalFlip", "ColorJitter", "ToDtype", "Normalize", "Transform"]
+
 class Transform:
     """A batched transform: the base class of this module's transforms.
 

@@ -107,8 +107,10 @@ def test_every_public_name_has_a_docstring():
     from dalishare import DaliShareIterator, augment
 
     public = [getattr(dalishare, name) for name in dalishare.__all__]
-    public += [obj for name, obj in vars(augment).items()
-               if inspect.isclass(obj) and obj.__module__ == augment.__name__ and not name.startswith("_")]
+    public += [getattr(augment, name) for name in augment.__all__]
+    assert {cls.__name__ for cls in vars(augment).values()  # every public class of the module is exported
+            if inspect.isclass(cls) and cls.__module__ == augment.__name__ and not cls.__name__.startswith("_")
+            } == set(augment.__all__)
     assert DaliShareIterator in public and augment.Compose in public
     missing = [obj.__name__ for obj in public if not (obj.__doc__ or "").strip()]
     missing += [m for obj in public for m in _undocumented(obj)]
