@@ -166,3 +166,26 @@ def test_status_and_the_cache_name_the_source(shards, tmp_path):
         Job(tmp_path / "again.json").result()
         assert again.wait() == 0, again.log()
     assert "read the index of 25 samples in 3 shards" in again.log()
+
+
+@pytest.mark.parametrize("cache", ["memory", "off"])
+def test_a_consumer_group_reads_shards_exactly_once_per_epoch(shards, tmp_path, cache):
+    """Two DDP ranks (helpers/ddp_job.py, started by hand) of one group on a shard set, as on folders."""
+    from collections import Counter
+
+    folder, _, _ = shards
+    out, spec = tmp_path / "ranks", {"names": ["t"], "batch_size": 4, "epochs": 2}
+    spec["out"] = str(out)
+    with Server(folder, "--batch-size", "8", "--cache", cache, "--epochs", "2", "--min-consumers", "2") as server:
+        ranks = [subprocess.Popen([sys.executable, str(Path(__file__).parents[1] / "helpers" / "ddp_job.py"),
+                                   json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                       "LOCAL_WORLD_SIZE": "2"}) for r in range(2)]
+        outputs = [rank.communicate(timeout=180)[0] for rank in ranks]
+        assert all(rank.returncode == 0 for rank in ranks), "\n".join(outputs)
+        assert server.wait() == 0, server.log()
+    records = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+    for epoch in (0, 1):
+        real = Counter(i for record in records for i, pad in zip(record["epochs"][epoch]["indices"],
+                                                                 record["epochs"][epoch]["padded"]) if not pad)
+        assert set(real.values()) == {1} and len(real) == 24, f"epoch {epoch}: not each decodable sample once"
