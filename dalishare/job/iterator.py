@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import time
 from typing import Callable
 
@@ -30,6 +31,11 @@ from .resume import Progress, check_state, job_order, make_state, same_data
 from .session import Counters, Session
 
 log = logging.getLogger(__name__)
+
+
+def _shown(path: str, doc: str) -> property:
+    """A read-only property showing ``self.<path>`` (a dotted path): the table of DaliShareIterator's figures."""
+    return property(operator.attrgetter(path), doc=doc)
 
 
 class DaliShareIterator:
@@ -208,45 +214,30 @@ class DaliShareIterator:
 
     # -- public API -----------------------------------------------------------------------------
 
-    device = property(lambda self: self._options.device,
-                      doc="Where batches go (a torch.device), or None: where the ring is.")
-    copy = property(lambda self: self._options.copy,
-                    doc="True: copies the job owns; False: views; None: views of a host ring, copies of a GPU one.")
-    seed = property(lambda self: self._options.seed,
-                    doc="The seed of this job's own order (from a cache), or None: the producer's order.")
-    member = property(lambda self: self._options.member,
-                      doc="This rank's place in its consumer group (name, rank, world), or None: an independent job.")
-    drop_last = property(lambda self: self._options.drop_last,
-                         doc="Whether a group's uneven tail is dropped instead of padded with repeats.")
-    batch_timeout = property(lambda self: self._options.batch_timeout,
-                             doc="Seconds to wait for the next batch from a live producer, then ProducerLost.")
-    reconnect = property(lambda self: self._options.reconnect,
-                         doc="Whether the job waits for a new producer of its name when its producer is gone.")
+    # read-only: the options, fixed for the iterator's life
+    device = _shown("_options.device", "Where batches go (a torch.device), or None: where the ring is.")
+    copy = _shown("_options.copy", "True: copies the job owns; False: views; None: views of a host ring, copies "
+                  "of a GPU one.")
+    seed = _shown("_options.seed", "The seed of this job's own order (from a cache), or None: the producer's order.")
+    member = _shown("_options.member", "This rank's place in its consumer group (name, rank, world), or None.")
+    drop_last = _shown("_options.drop_last", "Whether a group's uneven tail is dropped instead of padded with repeats.")
+    batch_timeout = _shown("_options.batch_timeout", "Seconds to wait for the next batch from a live producer.")
+    reconnect = _shown("_options.reconnect", "Whether the job waits for a new producer of its name when it is gone.")
 
     # from the current session, or the last one once closed (job_id is None then)
     job_id = property(lambda self: self._session.job_id if self._session.channel is not None else None,
                       doc="The id the producer gave this job (None once closed).")
-    producer_pid = property(lambda self: self._session.producer_pid,
-                            doc="The producer's pid, as it sees itself (in its own pid namespace).")
-    classes = property(lambda self: self._session.classes, doc="The number of classes in the dataset.")
-    samples_per_epoch = property(lambda self: self._session.reader.samples_per_epoch,
-                                 doc="Samples this job reads per epoch (a group rank: its share).")
-    producer_batch_size = property(lambda self: self._session.producer_batch_size,
-                                   doc="The producer's ``--batch-size``.")
-    batch_size = property(lambda self: self._session.reader.batch_size,
-                          doc="This job's batch size (the producer's unless the job chose one).")
-    ring_device = property(lambda self: self._session.data_device,
-                           doc="Where the producer's data is: its ring's device, or its cache's.")
-    stop_reason = property(lambda self: self._session.stop_reason,
-                           doc="Why the producer stopped, once it has (None before).")
-    excluded_samples = property(lambda self: self._counters.excluded,
-                                doc="Files the producer excluded because DALI cannot decode them.")
-    missed_samples = property(lambda self: self._counters.missed,
-                              doc="Samples skipped while this job was suspended for stalling.")
-    suspensions = property(lambda self: self._session.suspensions,
-                           doc="Times the producer suspended this job for stalling (this attachment).")
-    handoff_ns = property(lambda self: self._counters.handoff_ns,
-                          doc="Nanoseconds from announcement sent to view ready, per batch (for benchmarks).")
+    producer_pid = _shown("_session.producer_pid", "The producer's pid, as it sees itself (in its own pid namespace).")
+    classes = _shown("_session.classes", "The number of classes in the dataset.")
+    samples_per_epoch = _shown("_session.reader.samples_per_epoch", "This job's samples per epoch (a rank's share).")
+    producer_batch_size = _shown("_session.producer_batch_size", "The producer's ``--batch-size``.")
+    batch_size = _shown("_session.reader.batch_size", "This job's batch size (the producer's unless it chose one).")
+    ring_device = _shown("_session.data_device", "Where the producer's data is: its ring's device, or its cache's.")
+    stop_reason = _shown("_session.stop_reason", "Why the producer stopped, once it has (None before).")
+    excluded_samples = _shown("_counters.excluded", "Files the producer excluded because DALI cannot decode them.")
+    missed_samples = _shown("_counters.missed", "Samples skipped while this job was suspended for stalling.")
+    suspensions = _shown("_session.suspensions", "Times the producer suspended this job for stalling (this session).")
+    handoff_ns = _shown("_counters.handoff_ns", "Nanoseconds from announcement sent to view ready, per batch.")
     # for tests: the ring mapped (or a GPU cache's rows) and a tensor over each slot (a cache has none)
     _ring = property(lambda self: getattr(self._session.reader, "ring", None)
                      or getattr(getattr(self._session.reader, "cache", None), "_ring", None))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import enum
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ..shm import names
+from ..wire.messages import JobStatus
 from .rates import Rate
 from .slots import SlotTable
 
@@ -52,6 +53,15 @@ class Job:
     @property
     def suspended(self) -> bool:
         return self.state is JobState.SUSPENDED
+
+
+def job_status(job: Job, now: float, mode_fields: dict) -> dict:
+    """``job``'s row of a `StatusReport` (a `JobStatus` as a dict); ``mode_fields``: what the ring or the
+    cache adds (`Serving.job_report`)."""
+    return asdict(JobStatus(id=job.id, pid=job.pid, group=job.group, rank=job.rank, world=job.world,
+                            state=job.state.value, batch_size=job.batch_size, read=job.reads.total,
+                            images_per_s=float(job.reads.per_s(now)), attached_s=float(now - job.attached_at),
+                            **mode_fields))
 
 
 @dataclass

@@ -35,7 +35,6 @@ cleanup`` removes the segment and socket (shm/names.py), and its jobs see it gon
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import logging
 import os
@@ -49,11 +48,11 @@ from ..errors import ConfigError
 from ..intervals import (DEAD_JOB_DRAIN_MS, DEVICE_UNMAP_LIMIT_S, IDLE_POLL_MS, REAP_INTERVAL_S, STATUS_LIVE_REFRESH_S)
 from ..shm import names
 from ..wire.channel import ProducerChannel
-from ..wire.messages import (PROTOCOL_VERSION, Bye, EpochDone, GroupLost, Heartbeat, Hello, JobStatus, Reject,
+from ..wire.messages import (PROTOCOL_VERSION, Bye, EpochDone, GroupLost, Heartbeat, Hello, Reject,
                              Release, Resume, StatusQuery, StatusReport, Stop, Welcome)
 from .dataset import Dataset, ScanThread
 from .filling import fingerprint
-from .jobs import Job, JobRegistry
+from .jobs import Job, JobRegistry, job_status
 from .lobby import Lobby
 from .cache_policy import parse_cache
 from .options import ServeOptions
@@ -168,9 +167,8 @@ class Producer:
             self._detach_dead()
         if self.serving.readers():
             self._keep_device_memory = True
-            log.warning("%d job(s) still map this producer's GPU memory %.0f s after they were told to stop; it is "
-                        "not freed but left to the driver, which reclaims it when this process ends",
-                        self.serving.readers(), DEVICE_UNMAP_LIMIT_S)
+            log.warning("%d job(s) still map this producer's GPU memory %.0f s after the Stop: it is left to the "
+                        "driver, which frees it when this process ends", self.serving.readers(), DEVICE_UNMAP_LIMIT_S)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -323,10 +321,7 @@ class Producer:
         now, opts, dataset = time.monotonic(), self.options, self._ctx.dataset if self._ctx else None
         decoded = self._ctx.decoded if self._ctx is not None else 0  # the measured first batch not counted
         self._decoded.update(decoded, now)
-        jobs = [dataclasses.asdict(JobStatus(
-            id=job.id, pid=job.pid, group=job.group, rank=job.rank, world=job.world, state=job.state.value,
-            batch_size=job.batch_size, read=job.reads.total, images_per_s=float(job.reads.per_s(now)),
-            attached_s=float(now - job.attached_at), **self.serving.job_report(job))) for job in self._jobs]
+        jobs = [job_status(job, now, self.serving.job_report(job)) for job in self._jobs]
         return StatusReport(
             version=PROTOCOL_VERSION, name=opts.name, pid=os.getpid(), phase=self.phase.value,
             uptime_s=float(now - self._started_at), stage=str(self.pipeline_file), device=str(opts.device),
